@@ -1,0 +1,30 @@
+"""pyro-flows-ext: normalizing flows as first-class Pyro citizens."""
+
+from . import flows, infer, nn, transforms
+from .core import FlowLayer, StochasticLayer, Surjection
+from .distributions import Flow
+from .io import load, save
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Flow",
+    "FlowLayer",
+    "StochasticLayer",
+    "Surjection",
+    "flows",
+    "infer",
+    "load",
+    "nn",
+    "save",
+    "transforms",
+]
+
+
+def __getattr__(name):
+    # datasets, plots and diagnostics import numpy/matplotlib/arviz: load them on first use
+    if name in ("datasets", "plots", "diagnostics"):
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,123 @@
+"""Toy 2-D densities (FFJORD's conventions) and loaders for user data files."""
+
+import math
+import os
+
+import numpy as np
+import torch
+
+__all__ = ["TOY", "toy", "load", "ENTROPY"]
+
+# Differential entropies (nats) where they are known in closed form or to good accuracy.
+ENTROPY = {"checkerboard": math.log(32.0),  # uniform on 8 squares of area 4
+           "8gaussians": math.log(8) + math.log(2 * math.pi * math.e * 0.5 ** 2 / 2)}
+
+
+def _moons(n, g):
+    # sklearn's make_moons with a continuous angle, at FFJORD's scale (noise 0.1, x2 shift)
+    outer = torch.rand(n, generator=g) < 0.5
+    angle = torch.rand(n, generator=g) * math.pi
+    x = torch.where(outer, torch.cos(angle), 1 - torch.cos(angle))
+    y = torch.where(outer, torch.sin(angle), 0.5 - torch.sin(angle))
+    pts = torch.stack([x, y], -1) + 0.1 * torch.randn(n, 2, generator=g)
+    return pts * 2 + torch.tensor([-1.0, -0.2])
+
+
+def _checkerboard(n, g):
+    x1 = torch.rand(n, generator=g) * 4 - 2
+    x2 = torch.rand(n, generator=g) - torch.randint(0, 2, (n,), generator=g) * 2.0
+    x2 = x2 + torch.floor(x1) % 2
+    return torch.stack([x1, x2], -1) * 2
+
+
+def _eight_gaussians(n, g):
+    angles = torch.arange(8) * (2 * math.pi / 8)
+    centers = 4 * torch.stack([torch.cos(angles), torch.sin(angles)], -1)
+    idx = torch.randint(0, 8, (n,), generator=g)
+    return (centers[idx] + 0.5 * torch.randn(n, 2, generator=g)) / math.sqrt(2)
+
+
+def _spirals(n, g):
+    r = torch.sqrt(torch.rand(n, 1, generator=g)) * 540 * (2 * math.pi) / 360
+    pts = torch.cat([-torch.cos(r) * r, torch.sin(r) * r], -1) + torch.rand(n, 2, generator=g) * 0.5
+    sign = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)
+    return pts * sign / 3 + 0.1 * torch.randn(n, 2, generator=g)
+
+
+def _pinwheel(n, g, arms=5, radial_std=0.3, tangential_std=0.1, rate=0.25):
+    feats = torch.randn(n, 2, generator=g) * torch.tensor([radial_std, tangential_std])
+    feats[:, 0] += 1.0
+    arm = torch.randint(0, arms, (n,), generator=g)
+    angle = arm * (2 * math.pi / arms) + rate * torch.exp(feats[:, 0])
+    c, s = torch.cos(angle), torch.sin(angle)
+    rot = torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], -2)
+    return 2 * torch.einsum("ni,nij->nj", feats, rot)
+
+
+def _rings(n, g):
+    radius = torch.tensor([1.0, 0.75, 0.5, 0.25])[torch.randint(0, 4, (n,), generator=g)]
+    angle = torch.rand(n, generator=g) * 2 * math.pi
+    pts = torch.stack([torch.cos(angle), torch.sin(angle)], -1) * radius[:, None] * 3
+    return pts + 0.08 * torch.randn(n, 2, generator=g)
+
+
+TOY = {"moons": _moons, "checkerboard": _checkerboard, "8gaussians": _eight_gaussians,
+       "spirals": _spirals, "pinwheel": _pinwheel, "rings": _rings}
+
+
+def toy(name, n=10_000, seed=0):
+    """``n`` points of a 2-D toy density, a ``(n, 2)`` float32 tensor (FFJORD's scales).
+
+    Args:
+        name: one of ``moons, checkerboard, 8gaussians, spirals, pinwheel, rings``.
+        n: number of points.
+        seed: seed of a private generator (the global RNG is untouched).
+    """
+    if name not in TOY:
+        raise ValueError(f"unknown toy data set {name!r}; expected one of: {', '.join(TOY)}")
+    if n < 1:
+        raise ValueError(f"n must be a positive number of points, got {n}")
+    return TOY[name](int(n), torch.Generator().manual_seed(seed)).float()
+
+
+def load(path):
+    """Loads a data matrix ``(N, D)`` from ``.csv`` (comma separated, an optional header
+    line), ``.npy`` or ``.npz`` (its only array, or the one named ``data``/``x``)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"data file {path!r} does not exist")
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext == ".csv":
+            with open(path) as f:
+                first = f.readline()
+            skip = 0 if _is_numeric_row(first) else 1
+            array = np.loadtxt(path, delimiter=",", skiprows=skip, ndmin=2, dtype=np.float64)
+        elif ext == ".npy":
+            array = np.load(path, allow_pickle=False)
+        elif ext == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                keys = list(z.keys())
+                key = next((k for k in ("data", "x") if k in keys), keys[0] if len(keys) == 1 else None)
+                if key is None:
+                    raise ValueError(f"the .npz file holds {keys}; name the data array 'data'")
+                array = z[key]
+        else:
+            raise ValueError(f"unsupported extension {ext!r}; expected .csv, .npy or .npz")
+    except ValueError as e:
+        raise ValueError(f"could not read {path!r}: {e}") from e
+    array = np.asarray(array)
+    if array.ndim == 1:
+        array = array[:, None]
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise ValueError(f"{path!r} must hold a numeric (N, D) matrix, got {array.dtype} "
+                         f"with shape {array.shape}")
+    return torch.as_tensor(array, dtype=torch.float32)
+
+
+def _is_numeric_row(line):
+    try:
+        [float(v) for v in line.strip().split(",") if v.strip()]
+        return bool(line.strip())
+    except ValueError:
+        return False

@@ -1,0 +1,141 @@
+"""The :class:`Flow` distribution: a Pyro ``TransformedDistribution`` that is also a module."""
+
+import copy
+
+import pyro.distributions as dist
+import torch
+from torch import nn
+from torch.distributions.utils import _sum_rightmost
+
+from .core import FlowLayer
+
+__all__ = ["Flow"]
+
+
+def _map_tensors(obj, fn):
+    """A shallow copy of a distribution with ``fn`` applied to every tensor it holds."""
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if not isinstance(obj, torch.distributions.Distribution):
+        return obj
+    new = copy.copy(obj)
+    for name, value in vars(obj).items():
+        if isinstance(value, (torch.Tensor, torch.distributions.Distribution)):
+            setattr(new, name, _map_tensors(value, fn))
+    return new
+
+
+class Flow(dist.TransformedDistribution, nn.Module):
+    r"""A normalizing flow: ``base`` pushed through ``transforms`` (generative order, z -> x).
+
+    :math:`\log p(x) = \log p(z) + \sum_k V_k`, where :math:`V_k` is each layer's likelihood
+    contribution (:math:`\log|\det \partial z_k/\partial x_k|` for a bijection). It is a Pyro
+    ``TransformedDistribution`` (use it in ``pyro.sample``) and an ``nn.Module`` (use it with
+    ``pyro.module``, ``.to(device)``, ``.double()``, ``state_dict``).
+
+    Scoring the tensor a flow just sampled reuses each layer's cached pair (no inversion).
+    With stochastic layers (``is_exact`` False) scoring the same tensor again reuses the same
+    draw; ``x.clone()`` draws again.
+
+    Args:
+        base: base distribution; ``None`` is a standard normal over the first layer's input.
+        transforms: layers in generative order (any ``torch.distributions.Transform``).
+        event_shape: base event shape when ``base`` is None and the first layer cannot tell
+            (image layers).
+    Shapes: ``sample(shape)``: ``shape + batch_shape + event_shape``; ``log_prob``:
+    ``sample_shape + batch_shape``.
+    """
+
+    def __init__(self, base=None, transforms=(), event_shape=None, validate_args=None):
+        if isinstance(transforms, torch.distributions.Transform):
+            transforms = [transforms]
+        transforms = list(transforms)
+        if base is None:
+            if event_shape is None:
+                if not transforms or not hasattr(transforms[0], "base_event_shape"):
+                    raise ValueError("Flow(base=None) needs event_shape=... or a pyro_flows_ext "
+                                     "layer first in transforms to infer the base shape")
+                event_shape = transforms[0].base_event_shape()
+            event_shape = torch.Size([event_shape] if isinstance(event_shape, int) else event_shape)
+            base = dist.Normal(torch.zeros(event_shape), torch.ones(event_shape))
+            base = base.to_event(len(event_shape))
+        # torch's Distribution.__init__ calls nn.Module.__init__ through the MRO.
+        super().__init__(base, transforms, validate_args=validate_args)
+        self.layers = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
+
+    # -- nn.Module: .to(), .double(), .cuda() also move the base distribution -----------------
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        self.base_dist = _map_tensors(self.base_dist, fn)
+        return self
+
+    def __hash__(self):
+        return nn.Module.__hash__(self)
+
+    def __repr__(self):
+        return nn.Module.__repr__(self)
+
+    @property
+    def is_exact(self):
+        """True when ``log_prob`` is the exact log-density (no stochastic layer)."""
+        return all(getattr(t, "exact", t.bijective) for t in self.transforms)
+
+    def expand(self, batch_shape, _instance=None):
+        # pyro.plate expands site distributions; the expanded view shares layers and caches.
+        new = dist.TransformedDistribution.__new__(dist.TransformedDistribution)
+        return dist.TransformedDistribution.expand(self, batch_shape, _instance=new)
+
+    def _event_dims(self):
+        """Event dims at the input of each layer (base side first), then the data side."""
+        dims = [len(self.event_shape)]
+        for t in reversed(self.transforms):
+            dims.append(dims[-1] + t.domain.event_dim - t.codomain.event_dim)
+        return dims[::-1]
+
+    def _check_value(self, value):
+        n = len(self.event_shape)
+        if not torch.is_tensor(value) or value.dim() < n or value.shape[value.dim() - n:] != self.event_shape:
+            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+            raise ValueError(f"Flow.log_prob expects values with event shape "
+                             f"{tuple(self.event_shape)} in the rightmost dimensions, got {shape}")
+        if not torch.isfinite(value).all():
+            raise ValueError("Flow.log_prob got NaN or infinite values; expected finite data")
+
+    def log_prob(self, value):
+        if self._validate_args:
+            self._check_value(value)
+        dims = self._event_dims()
+        log_prob, x = 0.0, value
+        for i in reversed(range(len(self.transforms))):
+            t = self.transforms[i]
+            if isinstance(t, FlowLayer):
+                z, v = t.inverse_with_cache(x)
+            else:
+                z = t.inv(x)
+                v = -t.log_abs_det_jacobian(z, x)
+            log_prob = log_prob + _sum_rightmost(v, dims[i] - t.domain.event_dim)
+            x = z
+        base_lp = self.base_dist.log_prob(x)
+        return log_prob + _sum_rightmost(base_lp, dims[0] - len(self.base_dist.event_shape))
+
+    def sample_and_log_prob(self, sample_shape=torch.Size()):
+        """Draws ``x`` and returns ``(x, log_prob(x))`` in one generative pass."""
+        sample_shape = torch.Size(sample_shape)
+        base = self.base_dist
+        z = base.rsample(sample_shape) if base.has_rsample else base.sample(sample_shape)
+        dims = self._event_dims()
+        log_prob = _sum_rightmost(base.log_prob(z), dims[0] - len(base.event_shape))
+        for i, t in enumerate(self.transforms):
+            if isinstance(t, FlowLayer):
+                x, ladj = t.call_with_cache(z)
+            else:
+                x = t(z)
+                ladj = t.log_abs_det_jacobian(z, x)
+            log_prob = log_prob - _sum_rightmost(ladj, dims[i] - t.domain.event_dim)
+            z = x
+        return z, log_prob
+
+    def clear_cache(self):
+        """Forgets every layer's cached pair."""
+        for t in self.transforms:
+            t.clear_cache() if hasattr(t, "clear_cache") else None

@@ -1,0 +1,5 @@
+"""Conditioner networks."""
+
+from .mlp import MLP
+
+__all__ = ["MLP"]

@@ -1,0 +1,22 @@
+"""Bijective layers; each is a :class:`pyro.distributions.TransformModule`."""
+
+from .autograd import AutogradBijection
+from .conv import InvertibleConv1x1
+from .coupling import AffineCoupling
+from .elementwise import Exp
+from .norm import ActNorm, InvertibleBatchNorm
+from .permute import Permute, Reverse
+
+ADBijector = AutogradBijection  # the tutorial's name
+
+__all__ = [
+    "ADBijector",
+    "ActNorm",
+    "AffineCoupling",
+    "AutogradBijection",
+    "Exp",
+    "InvertibleBatchNorm",
+    "InvertibleConv1x1",
+    "Permute",
+    "Reverse",
+]

@@ -1,0 +1,131 @@
+"""Normalisation layers: ActNorm (Glow) and an exactly invertible batch norm (RealNVP)."""
+
+import torch
+from torch import nn
+
+from ..core import FlowLayer, batch_shape_of
+
+
+def _channel_view(t, event_dim):
+    """Reshape a per-channel ``(C,)`` tensor to broadcast over ``(C, H, W)`` events."""
+    return t if event_dim == 1 else t.view(-1, 1, 1)
+
+
+def _reduce_dims(x, event_dim):
+    """Every dimension of ``x`` except the channel one."""
+    channel = x.dim() - event_dim
+    return [d for d in range(x.dim()) if d != channel]
+
+
+def _pixels(x, event_dim):
+    return 1 if event_dim == 1 else x.shape[-1] * x.shape[-2]
+
+
+class ActNorm(FlowLayer):
+    r"""Per-channel affine map with data-dependent initialisation (Glow):
+    :math:`x = z\, e^{\log s} + b`, :math:`\log|\det J| = H W \sum_c \log s_c`.
+
+    On the first call in the data-to-base direction while training, ``b`` and ``s`` are set
+    to the batch mean and standard deviation, so the base side starts standardised. If the
+    first call is generative (a guide), the layer starts at the identity. The flag is a
+    buffer, saved in the ``state_dict``.
+
+    Args:
+        dim: channels ``C`` (the event size for vectors).
+        event_dim: 1 for ``(*batch, C)``, 3 for ``(*batch, C, H, W)``.
+    """
+
+    def __init__(self, dim, event_dim=1):
+        super().__init__()
+        self.dim, self.event_dim = dim, event_dim
+        self.loc = nn.Parameter(torch.zeros(dim))
+        self.log_scale = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _initialize(self, x):
+        dims = _reduce_dims(x, self.event_dim)
+        if x.numel() // self.dim < 2:
+            return  # one point says nothing about the spread; stay at the identity
+        self.loc.copy_(x.mean(dims))
+        self.log_scale.copy_(x.std(dims).clamp_min(1e-6).log())
+        self.initialized.fill_(True)
+
+    def _ladj(self, y):
+        ladj = self.log_scale.sum() * _pixels(y, self.event_dim)
+        return ladj.expand(batch_shape_of(y, self.event_dim))
+
+    def call_and_ladj(self, z):
+        if not self.initialized:
+            self.initialized.fill_(True)
+        loc, log_scale = (_channel_view(p, self.event_dim) for p in (self.loc, self.log_scale))
+        return z * log_scale.exp() + loc, self._ladj(z)
+
+    def inverse_and_ladj(self, x):
+        if not self.initialized and self.training:
+            self._initialize(x)
+        loc, log_scale = (_channel_view(p, self.event_dim) for p in (self.loc, self.log_scale))
+        return (x - loc) * torch.exp(-log_scale), -self._ladj(x)
+
+
+class InvertibleBatchNorm(FlowLayer):
+    r"""Batch normalisation as a bijection (RealNVP):
+    :math:`z = (x - \mu) / \sqrt{\sigma^2 + \epsilon}\; e^{\gamma} + \beta`,
+    :math:`\log|\det \partial z/\partial x| = \sum_c \gamma_c - \tfrac12 \log(\sigma_c^2 + \epsilon)`.
+
+    Training mode: the data-to-base direction uses the statistics of its batch (over every
+    batch dimension) and updates the running averages; the generative direction reuses the
+    statistics of that last batch, so the two directions are exact inverses of each other
+    (Pyro's ``BatchNorm`` uses batch statistics one way and running ones the other). Eval
+    mode: both directions use the running averages.
+
+    Args:
+        dim: channels ``C``.
+        momentum: weight of the newest batch in the running averages.
+        eps: added to the variance.
+        event_dim: 1 for ``(*batch, C)``, 3 for ``(*batch, C, H, W)``.
+    """
+
+    def __init__(self, dim, momentum=0.1, eps=1e-5, event_dim=1):
+        super().__init__()
+        self.dim, self.momentum, self.eps, self.event_dim = dim, momentum, eps, event_dim
+        self.log_gamma = nn.Parameter(torch.zeros(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self._batch_stats = None
+
+    def _stats(self, x=None):
+        if self.training and x is not None and x.numel() // self.dim > 1:
+            dims = _reduce_dims(x, self.event_dim)
+            mean, var = x.mean(dims), x.var(dims, unbiased=False)
+            with torch.no_grad():
+                self.running_mean.lerp_(mean, self.momentum)
+                self.running_var.lerp_(var, self.momentum)
+            self._batch_stats = (mean.detach(), var.detach())
+            return mean, var
+        if self.training and self._batch_stats is not None:
+            return self._batch_stats
+        return self.running_mean, self.running_var
+
+    def _log_scale(self, var):
+        return self.log_gamma - 0.5 * torch.log(var + self.eps)
+
+    def _ladj(self, y, log_scale):
+        ladj = log_scale.sum() * _pixels(y, self.event_dim)
+        return ladj.expand(batch_shape_of(y, self.event_dim))
+
+    def call_and_ladj(self, z):
+        mean, var = self._stats()
+        log_scale = self._log_scale(var)
+        view = (lambda t: _channel_view(t, self.event_dim))
+        x = (z - view(self.beta)) * view(torch.exp(-log_scale)) + view(mean)
+        return x, -self._ladj(z, log_scale)
+
+    def inverse_and_ladj(self, x):
+        mean, var = self._stats(x)
+        log_scale = self._log_scale(var)
+        view = (lambda t: _channel_view(t, self.event_dim))
+        z = (x - view(mean)) * view(log_scale.exp()) + view(self.beta)
+        return z, self._ladj(x, log_scale)
+
