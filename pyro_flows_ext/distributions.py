@@ -1,6 +1,7 @@
 """The :class:`Flow` distribution: a Pyro ``TransformedDistribution`` that is also a module."""
 
 import copy
+import math
 
 import pyro.distributions as dist
 import torch
@@ -59,9 +60,16 @@ class Flow(dist.TransformedDistribution, nn.Module):
             event_shape = torch.Size([event_shape] if isinstance(event_shape, int) else event_shape)
             base = dist.Normal(torch.zeros(event_shape), torch.ones(event_shape))
             base = base.to_event(len(event_shape))
+            standard_normal = True
+        else:
+            standard_normal = False
         # torch's Distribution.__init__ calls nn.Module.__init__ through the MRO.
         super().__init__(base, transforms, validate_args=validate_args)
         self.layers = nn.ModuleList([t for t in transforms if isinstance(t, nn.Module)])
+        self._dims = self._event_dims()
+        self._standard_normal = standard_normal
+        self._log_norm = 0.5 * math.log(2 * math.pi) * self.base_dist.event_shape.numel()
+        self._layer_dims = [t.domain.event_dim for t in transforms]
 
     # -- nn.Module: .to(), .double(), .cuda() also move the base distribution -----------------
     def _apply(self, fn, *args, **kwargs):
@@ -104,7 +112,7 @@ class Flow(dist.TransformedDistribution, nn.Module):
     def log_prob(self, value):
         if self._validate_args:
             self._check_value(value)
-        dims = self._event_dims()
+        dims, layer_dims = self._dims, self._layer_dims
         log_prob, x = 0.0, value
         for i in reversed(range(len(self.transforms))):
             t = self.transforms[i]
@@ -113,25 +121,33 @@ class Flow(dist.TransformedDistribution, nn.Module):
             else:
                 z = t.inv(x)
                 v = -t.log_abs_det_jacobian(z, x)
-            log_prob = log_prob + _sum_rightmost(v, dims[i] - t.domain.event_dim)
+            log_prob = log_prob + _sum_rightmost(v, dims[i] - layer_dims[i])
             x = z
-        base_lp = self.base_dist.log_prob(x)
-        return log_prob + _sum_rightmost(base_lp, dims[0] - len(self.base_dist.event_shape))
+        return log_prob + self._base_log_prob(x)
+
+    def _base_log_prob(self, z):
+        """``log p(z)`` summed to the flow's batch shape (a fast path for N(0, I))."""
+        base = self.base_dist
+        if self._standard_normal:
+            n = len(base.event_shape)
+            sq = z.square().sum(list(range(-n, 0))) if n else z.square()
+            return _sum_rightmost(-0.5 * sq - self._log_norm, self._dims[0] - n)
+        return _sum_rightmost(base.log_prob(z), self._dims[0] - len(base.event_shape))
 
     def sample_and_log_prob(self, sample_shape=torch.Size()):
         """Draws ``x`` and returns ``(x, log_prob(x))`` in one generative pass."""
         sample_shape = torch.Size(sample_shape)
         base = self.base_dist
         z = base.rsample(sample_shape) if base.has_rsample else base.sample(sample_shape)
-        dims = self._event_dims()
-        log_prob = _sum_rightmost(base.log_prob(z), dims[0] - len(base.event_shape))
+        dims, layer_dims = self._dims, self._layer_dims
+        log_prob = self._base_log_prob(z)
         for i, t in enumerate(self.transforms):
             if isinstance(t, FlowLayer):
                 x, ladj = t.call_with_cache(z)
             else:
                 x = t(z)
                 ladj = t.log_abs_det_jacobian(z, x)
-            log_prob = log_prob - _sum_rightmost(ladj, dims[i] - t.domain.event_dim)
+            log_prob = log_prob - _sum_rightmost(ladj, dims[i] - layer_dims[i])
             z = x
         return z, log_prob
 

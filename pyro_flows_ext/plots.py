@@ -18,7 +18,7 @@ def density_grid(flow, bounds=(-4.0, 4.0), resolution=200):
     xx, yy = torch.meshgrid(axis, axis, indexing="xy")
     pts = torch.stack([xx.flatten(), yy.flatten()], -1)
     logp = torch.cat([flow.log_prob(p) for p in pts.split(10_000)])
-    return xx.cpu(), yy.cpu(), logp.exp().reshape(xx.shape).cpu()
+    return xx.cpu().numpy(), yy.cpu().numpy(), logp.exp().reshape(xx.shape).cpu().numpy()
 
 
 def plot_density(flow, path, bounds=(-4.0, 4.0), resolution=200, title="learned density"):
@@ -34,8 +34,10 @@ def plot_density(flow, path, bounds=(-4.0, 4.0), resolution=200, title="learned 
 @torch.no_grad()
 def plot_samples(flow, path, n=5000, data=None, bounds=(-4.0, 4.0)):
     """Writes a scatter of ``n`` flow samples (beside ``data`` when given) to ``path``."""
-    x = flow.sample((n,)).cpu()
-    panels = [("flow samples", x)] + ([("data", torch.as_tensor(data)[:n].cpu())] if data is not None else [])
+    x = flow.sample((n,)).cpu().numpy()
+    panels = [("flow samples", x)]
+    if data is not None:
+        panels.append(("data", torch.as_tensor(data)[:n].cpu().numpy()))
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
     for ax, (title, pts) in zip(axes[0], panels):
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)

@@ -4,6 +4,7 @@ import math
 import os
 import warnings
 
+import pyro
 import pyro.optim
 import torch
 from tqdm.auto import tqdm
@@ -36,7 +37,7 @@ def as_data(data, flow, name="data"):
     return data
 
 
-def _make_optimizer(optim, params):
+def _make_optimizer(optim, params, flow):
     """One torch optimizer over all parameters when the Pyro optimizer allows it (much less
     per-step overhead than one optimizer per parameter); otherwise Pyro's own per-parameter
     stepping. Returns ``(zero_grad, step, torch_optimizer_or_None)``."""
@@ -48,6 +49,8 @@ def _make_optimizer(optim, params):
     if isinstance(optim.pt_optim_args, dict) and not isinstance(optim, pyro.optim.PyroLRScheduler):
         opt = optim.pt_optim_constructor(params, **optim.pt_optim_args)
         return opt.zero_grad, opt.step, opt
+
+    pyro.module("flow", flow)  # per-parameter arguments are looked up by param-store name
 
     def zero_grad():
         for p in params:
@@ -126,7 +129,7 @@ def fit_density(flow, data, num_steps=2000, batch_size=512, optim=None, val_frac
     if checkpoint is not None and getattr(flow, "spec", None) is None:
         to_record(flow)  # raises the clear "not made by a builder" error now, not at step 100
     params = [p for p in flow.parameters() if p.requires_grad]
-    zero_grad, opt_step, torch_opt = _make_optimizer(optim or pyro.optim.Adam({"lr": 1e-3}), params)
+    zero_grad, opt_step, torch_opt = _make_optimizer(optim or pyro.optim.Adam({"lr": 1e-3}), params, flow)
 
     history = {"loss": [], "val_step": [], "val_nll": [], "best_step": 0,
                "best_val_nll": math.inf, "stopped": None}

@@ -24,7 +24,7 @@ class InvertibleConv1x1(FlowLayer):
         if event_dim not in (1, 3):
             raise ValueError(f"event_dim must be 1 (vectors) or 3 (C, H, W images), got {event_dim}")
         self.dim, self.lu, self.event_dim = dim, lu, event_dim
-        rotation = torch.linalg.qr(torch.randn(dim, dim))[0]
+        rotation = torch.linalg.qr(torch.randn(dim, dim))[0].contiguous()
         if not lu:
             self.weight = nn.Parameter(rotation)
             return
@@ -34,9 +34,9 @@ class InvertibleConv1x1(FlowLayer):
         self.register_buffer("sign_s", s.sign())
         self.register_buffer("lower_mask", torch.tril(torch.ones(dim, dim), -1))
         self.register_buffer("eye", torch.eye(dim))
-        self.lower = nn.Parameter(lower)
-        self.upper = nn.Parameter(torch.triu(upper, 1))
-        self.log_abs_s = nn.Parameter(s.abs().log())
+        self.lower = nn.Parameter(lower.contiguous())
+        self.upper = nn.Parameter(torch.triu(upper, 1).contiguous())
+        self.log_abs_s = nn.Parameter(s.abs().log().contiguous())
 
     def weight_and_logdet(self):
         """``(W, log|det W|)``."""

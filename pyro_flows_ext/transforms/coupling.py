@@ -15,8 +15,8 @@ def soft_clamp(raw, bound):
 class AffineCoupling(FlowLayer):
     r"""Affine coupling: the masked part passes through and conditions the rest.
 
-    :math:`x = m \odot z + (1-m) \odot (z\, e^{s(m z)} + t(m z))`,
-    :math:`\log|\det J| = \sum_i (1-m_i)\, s_i(m z)`, with :math:`s` soft-clamped to
+    :math:`x_a = z_a,\ x_b = z_b\, e^{s(z_a)} + t(z_a)`,
+    :math:`\log|\det J| = \sum_i s_i(z_a)`, with :math:`s` soft-clamped to
     ``[-clamp, clamp]``. The conditioner's last layer starts at zero: the layer starts as
     the identity. One network pass in either direction.
 
@@ -39,20 +39,34 @@ class AffineCoupling(FlowLayer):
             raise ValueError(f"mask must be a boolean tensor of shape ({dim},) with both "
                              f"True and False entries, got {mask.tolist()}")
         self.dim, self.clamp = dim, clamp
-        self.register_buffer("mask", mask.float())
-        self.register_buffer("free", (~mask).float())
-        self.net = MLP(dim, 2 * dim, hidden_dims)
+        self.register_buffer("mask", mask)
+        # Permutation putting the passed-through coordinates first; skipped when it is the
+        # identity (the default mask), so the common case is two slices and a cat.
+        order = torch.cat([mask.nonzero().flatten(), (~mask).nonzero().flatten()])
+        self._split = int(mask.sum())
+        self._permuted = not torch.equal(order, torch.arange(dim))
+        self.register_buffer("order", order)
+        self.register_buffer("unorder", torch.argsort(order))
+        self.net = MLP(self._split, 2 * (dim - self._split), hidden_dims)
 
-    def _shift_and_log_scale(self, y):
-        shift, raw = self.net(y * self.mask).chunk(2, dim=-1)
-        return shift * self.free, soft_clamp(raw, self.clamp) * self.free
+    def _transform(self, y, sign):
+        check_event_size(y, self.dim, "AffineCoupling")
+        if self._permuted:
+            y = y[..., self.order]
+        y_a, y_b = y[..., : self._split], y[..., self._split :]
+        shift, raw = self.net(y_a).chunk(2, dim=-1)
+        log_scale = soft_clamp(raw, self.clamp)
+        if sign > 0:
+            out_b = y_b * log_scale.exp() + shift
+        else:
+            out_b = (y_b - shift) * torch.exp(-log_scale)
+        out = torch.cat([y_a, out_b], dim=-1)
+        if self._permuted:
+            out = out[..., self.unorder]
+        return out, sign * log_scale.sum(-1)
 
     def call_and_ladj(self, z):
-        check_event_size(z, self.dim, "AffineCoupling")
-        shift, log_scale = self._shift_and_log_scale(z)
-        return z * log_scale.exp() + shift, log_scale.sum(-1)
+        return self._transform(z, 1)
 
     def inverse_and_ladj(self, x):
-        check_event_size(x, self.dim, "AffineCoupling")
-        shift, log_scale = self._shift_and_log_scale(x)
-        return (x - shift) * torch.exp(-log_scale), -log_scale.sum(-1)
+        return self._transform(x, -1)

@@ -41,6 +41,12 @@ class ActNorm(FlowLayer):
         self.loc = nn.Parameter(torch.zeros(dim))
         self.log_scale = nn.Parameter(torch.zeros(dim))
         self.register_buffer("initialized", torch.tensor(False))
+        self._ready = False  # mirrors the buffer without a device sync on every call
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        flag = state_dict.get(prefix + "initialized")
+        self._ready = bool(flag) if flag is not None and not flag.is_meta else self._ready
 
     @torch.no_grad()
     def _initialize(self, x):
@@ -50,19 +56,21 @@ class ActNorm(FlowLayer):
         self.loc.copy_(x.mean(dims))
         self.log_scale.copy_(x.std(dims).clamp_min(1e-6).log())
         self.initialized.fill_(True)
+        self._ready = True
 
     def _ladj(self, y):
         ladj = self.log_scale.sum() * _pixels(y, self.event_dim)
         return ladj.expand(batch_shape_of(y, self.event_dim))
 
     def call_and_ladj(self, z):
-        if not self.initialized:
+        if not self._ready:  # generative use first (a guide): start at the identity
             self.initialized.fill_(True)
+            self._ready = True
         loc, log_scale = (_channel_view(p, self.event_dim) for p in (self.loc, self.log_scale))
         return z * log_scale.exp() + loc, self._ladj(z)
 
     def inverse_and_ladj(self, x):
-        if not self.initialized and self.training:
+        if not self._ready and self.training:
             self._initialize(x)
         loc, log_scale = (_channel_view(p, self.event_dim) for p in (self.loc, self.log_scale))
         return (x - loc) * torch.exp(-log_scale), -self._ladj(x)

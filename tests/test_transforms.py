@@ -1,0 +1,176 @@
+import pyro.distributions as dist
+import pytest
+import torch
+
+import pyro_flows_ext as pfe
+from pyro_flows_ext.transforms import (
+    ActNorm,
+    AffineCoupling,
+    AutogradBijection,
+    Exp,
+    InvertibleBatchNorm,
+    InvertibleConv1x1,
+    Permute,
+    Reverse,
+)
+
+from .contract import check_bijection, perturb
+
+
+class Cube(AutogradBijection):
+    """x = z + a z^3 (a > 0): a bijection given only by its maps."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+        self.log_a = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward_map(self, z):
+        return z + self.log_a.exp() * z**3
+
+    def inverse_map(self, x):
+        z = x.clone()
+        for _ in range(100):  # Newton's method on a strictly monotone cubic
+            z = z - (z + self.log_a.exp() * z**3 - x) / (1 + 3 * self.log_a.exp() * z**2)
+        return z
+
+
+def batchnorm_eval(dim):
+    return InvertibleBatchNorm(dim).eval()
+
+
+LAYERS = {
+    "exp": (lambda: Exp(3), (3,)),
+    "coupling": (lambda: AffineCoupling(4, hidden_dims=(8,)), (4,)),
+    "coupling-odd-mask": (lambda: AffineCoupling(5, hidden_dims=(8,), mask=[1, 0, 1, 0, 0]), (5,)),
+    "conv1x1": (lambda: InvertibleConv1x1(3), (3,)),
+    "conv1x1-lu": (lambda: InvertibleConv1x1(3, lu=True), (3,)),
+    "conv1x1-image": (lambda: InvertibleConv1x1(3, event_dim=3), (3, 2, 2)),
+    "conv1x1-lu-image": (lambda: InvertibleConv1x1(2, lu=True, event_dim=3), (2, 3, 2)),
+    "actnorm": (lambda: ActNorm(3), (3,)),
+    "actnorm-image": (lambda: ActNorm(2, event_dim=3), (2, 2, 3)),
+    "batchnorm-eval": (lambda: batchnorm_eval(3), (3,)),
+    "batchnorm-image-eval": (lambda: InvertibleBatchNorm(2, event_dim=3).eval(), (2, 2, 2)),
+    "reverse": (lambda: Reverse(4), (4,)),
+    "permute": (lambda: Permute(4), (4,)),
+    "autograd-bijection": (lambda: Cube(3), (3,)),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("name", list(LAYERS))
+def test_layer_contract(name, dtype):
+    make, event_shape = LAYERS[name]
+    check_bijection(perturb(make()), event_shape, dtype=dtype)
+
+
+def test_layers_are_pyro_transform_modules():
+    for make, _ in LAYERS.values():
+        layer = make()
+        assert isinstance(layer, dist.TransformModule)
+        assert layer.bijective
+
+
+def test_affine_coupling_starts_at_identity_and_clamps_scale():
+    layer = AffineCoupling(4, clamp=2.0)
+    z = torch.randn(10, 4)
+    x, ladj = layer.call_and_ladj(z)
+    torch.testing.assert_close(x, z)
+    assert (ladj == 0).all()
+    with torch.no_grad():  # a huge network output cannot push the log-scale past the clamp
+        layer.net[-1].bias.fill_(1e4)
+    _, ladj = layer.call_and_ladj(z)
+    assert torch.isfinite(ladj).all() and (ladj.abs() <= 2.0 * 2 + 1e-5).all()
+
+
+def test_affine_coupling_leaves_masked_part_unchanged():
+    layer = perturb(AffineCoupling(5, mask=[1, 0, 1, 0, 0]))
+    z = torch.randn(7, 5)
+    x = layer(z)
+    torch.testing.assert_close(x[:, [0, 2]], z[:, [0, 2]])
+    assert not torch.allclose(x[:, [1, 3, 4]], z[:, [1, 3, 4]])
+
+
+def test_bad_event_size_is_a_clear_error():
+    with pytest.raises(ValueError, match="expects events of size 4.*shape \\(2, 3\\)"):
+        AffineCoupling(4)(torch.randn(2, 3))
+    with pytest.raises(ValueError, match="dim >= 2"):
+        AffineCoupling(1)
+    with pytest.raises(ValueError, match="permutation of range"):
+        Permute(3, [0, 0, 1])
+
+
+def test_actnorm_data_dependent_init_and_flag_in_state_dict():
+    layer = ActNorm(3)
+    x = torch.randn(1000, 3) * torch.tensor([0.5, 2.0, 5.0]) + torch.tensor([1.0, -2.0, 3.0])
+    z, _ = layer.inverse_and_ladj(x)
+    torch.testing.assert_close(z.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(z.std(0), torch.ones(3), atol=1e-4, rtol=0)
+    state = layer.state_dict()
+    assert bool(state["initialized"])
+    other = ActNorm(3)
+    other.load_state_dict(state)
+    z2, _ = other.inverse_and_ladj(x + 10)  # loaded layer must not re-initialise
+    torch.testing.assert_close(z2, z + 10 / x.std(0), atol=1e-4, rtol=1e-4)
+
+
+def test_actnorm_image_init_per_channel():
+    layer = ActNorm(2, event_dim=3)
+    x = torch.randn(50, 2, 4, 4) * torch.tensor([3.0, 0.1]).view(2, 1, 1)
+    z, v = layer.inverse_and_ladj(x)
+    torch.testing.assert_close(z.std((0, 2, 3)), torch.ones(2), atol=1e-3, rtol=0)
+    assert v.shape == (50,)
+
+
+def test_batchnorm_train_mode_is_exactly_invertible():
+    layer = InvertibleBatchNorm(3)
+    with torch.no_grad():
+        layer.log_gamma.normal_()
+        layer.beta.normal_()
+    x = torch.randn(6, 5, 3) * 3 + 1
+    z, v = layer.inverse_and_ladj(x)  # batch statistics over both batch dims
+    torch.testing.assert_close(z.mean((0, 1)), layer.beta.detach(), atol=1e-5, rtol=0)
+    x_back, ladj = layer.call_and_ladj(z)  # the generative direction reuses them
+    torch.testing.assert_close(x_back, x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ladj, -v)
+    # running statistics moved towards the batch ones
+    assert (layer.running_mean != 0).all() and (layer.running_var != 1).all()
+
+
+def test_batchnorm_eval_uses_running_statistics():
+    layer = InvertibleBatchNorm(2).eval()
+    with torch.no_grad():
+        layer.running_mean.copy_(torch.tensor([1.0, -1.0]))
+        layer.running_var.copy_(torch.tensor([4.0, 0.25]))
+    x = torch.randn(10, 2)
+    z, _ = layer.inverse_and_ladj(x)
+    expected = (x - layer.running_mean) / torch.sqrt(layer.running_var + layer.eps)
+    torch.testing.assert_close(z, expected)
+
+
+def test_lu_conv_weight_matches_its_factors():
+    layer = perturb(InvertibleConv1x1(4, lu=True))
+    w, logdet = layer.weight_and_logdet()
+    torch.testing.assert_close(logdet, torch.linalg.slogdet(w)[1], atol=1e-5, rtol=1e-5)
+
+
+def test_conv_is_pixelwise_matrix_product():
+    layer = perturb(InvertibleConv1x1(3, event_dim=3))
+    z = torch.randn(2, 3, 4, 5)
+    expected = torch.nn.functional.conv2d(z, layer.weight[:, :, None, None])
+    torch.testing.assert_close(layer(z), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_exp_matches_pyro_exp_transform():
+    z = torch.randn(5, 3)
+    ours = pfe.Flow(None, [Exp(3)])
+    pyros = dist.TransformedDistribution(dist.Normal(torch.zeros(3), 1).to_event(1),
+                                         [dist.transforms.ExpTransform()])
+    x = pyros.sample((4,))
+    torch.testing.assert_close(ours.log_prob(x), pyros.log_prob(x))
+    assert ours.support.check(z.exp()).all()
+
+
+def test_with_cache_returns_self_for_bijections():
+    layer = AffineCoupling(2)
+    assert layer.with_cache(1) is layer and layer.with_cache(0) is layer
