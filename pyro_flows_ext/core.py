@@ -16,17 +16,18 @@ so that ``log p(x) = log p(z) + v`` and ``log_abs_det_jacobian(z, x) = -v`` for 
 """
 
 import torch
+from pyro.distributions.conditional import ConditionalTransform
 from pyro.distributions.torch_transform import TransformModule
 from torch.distributions import constraints
 
-__all__ = ["FlowLayer", "Surjection", "StochasticLayer", "UnseenPairError"]
+__all__ = ["FlowLayer", "Surjection", "StochasticLayer", "UnseenPairError", "ConditionedLayer"]
 
 
 class UnseenPairError(RuntimeError):
     """Raised when a non-bijective layer is asked for the likelihood of a pair it did not make."""
 
 
-class FlowLayer(TransformModule):
+class FlowLayer(TransformModule, ConditionalTransform):
     r"""Base of every layer: a :class:`pyro.distributions.TransformModule` with a pair cache.
 
     Class attributes:
@@ -36,6 +37,11 @@ class FlowLayer(TransformModule):
         event_dim: number of rightmost dimensions forming one event (1 for vectors,
             3 for ``(C, H, W)`` images).
 
+    Conditional layers (``context_dim > 0``) take ``context=`` in ``call_and_ladj`` and
+    ``inverse_and_ladj``; ``layer.condition(c)`` returns a :class:`ConditionedLayer` view that
+    shares the parameters, so a layer works in Pyro's ``TransformedDistribution`` and in its
+    ``ConditionalTransformedDistribution``. Unconditional layers return themselves.
+
     The pair cache holds ``(z, x, ladj)`` for the last computation in either direction,
     matched by identity (``is``). ``clear_cache()`` drops it; it is never pickled, so
     ``copy.deepcopy`` and ``torch.save`` work after ``rsample``.
@@ -44,10 +50,20 @@ class FlowLayer(TransformModule):
     bijective = True
     exact = True
     event_dim = 1
+    context_dim = 0
 
     def __init__(self):
         super().__init__(cache_size=1)
         self._pair = None
+
+    def condition(self, context):
+        """A view of this layer with ``context`` fixed (``self`` when unconditional)."""
+        return ConditionedLayer(self, context) if self.context_dim else self
+
+    def _require_context(self, context):
+        if self.context_dim and context is None:
+            raise ValueError(f"{type(self).__name__} has context_dim={self.context_dim}: call "
+                             ".condition(context) first (or pass context=...)")
 
     # -- constraints: real-valued events of ``event_dim`` dimensions -------------------------
     @constraints.dependent_property(is_discrete=False)
@@ -192,3 +208,50 @@ def check_event_size(x, dim, name):
 def batch_shape_of(x, event_dim):
     """The batch shape of ``x`` for events of ``event_dim`` dimensions."""
     return x.shape[: x.dim() - event_dim]
+
+
+def broadcast_context(context, y, event_dim=1):
+    """``context`` ``(*batch, C)`` expanded to the batch shape of ``y`` (``(*sample, *batch,
+    *event)``), so it can be concatenated with per-event features."""
+    batch = y.shape[: y.dim() - event_dim]
+    if context.shape[:-1] == batch:
+        return context
+    return context.expand(batch + context.shape[-1:])
+
+
+class ConditionedLayer(FlowLayer):
+    """A conditional layer with its context fixed; shares the parameters of ``layer``."""
+
+    def __init__(self, layer, context):
+        super().__init__()
+        self.layer, self.context = layer, context
+        self.bijective, self.exact, self.event_dim = layer.bijective, layer.exact, layer.event_dim
+        self.dim = getattr(layer, "dim", None)
+
+    @constraints.dependent_property(is_discrete=False)
+    def domain(self):
+        return self.layer.domain
+
+    @constraints.dependent_property(is_discrete=False)
+    def codomain(self):
+        return self.layer.codomain
+
+    def forward_shape(self, shape):
+        return self.layer.forward_shape(shape)
+
+    def inverse_shape(self, shape):
+        return self.layer.inverse_shape(shape)
+
+    def base_event_shape(self):
+        return self.layer.base_event_shape()
+
+    def call_and_ladj(self, z):
+        return self.layer.call_and_ladj(z, context=self.context)
+
+    def inverse_and_ladj(self, x):
+        return self.layer.inverse_and_ladj(x, context=self.context)
+
+    def _ladj_of_unseen_pair(self, z, x):
+        if self.bijective:
+            return self.call_and_ladj(z)[1]
+        return super()._ladj_of_unseen_pair(z, x)

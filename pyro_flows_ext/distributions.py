@@ -5,6 +5,7 @@ import math
 
 import pyro.distributions as dist
 import torch
+from pyro.distributions.conditional import ConditionalTransform
 from torch import nn
 from torch.distributions.utils import _sum_rightmost
 
@@ -150,6 +151,17 @@ class Flow(dist.TransformedDistribution, nn.Module):
             log_prob = log_prob - _sum_rightmost(ladj, dims[i] - layer_dims[i])
             z = x
         return z, log_prob
+
+    def condition(self, context):
+        """The flow with every conditional layer conditioned on ``context`` (``(*batch, C)``);
+        shares parameters and base with ``self``. Condition once per step and use the result
+        for both sampling and scoring, so the caches hit."""
+        layers = [t.condition(context) if isinstance(t, ConditionalTransform) else t
+                  for t in self.transforms]
+        batch = torch.broadcast_shapes(self.base_dist.batch_shape, context.shape[:-1])
+        new = Flow(self.base_dist.expand(batch), layers, validate_args=self._validate_args)
+        new._standard_normal, new._log_norm = self._standard_normal, self._log_norm
+        return new
 
     def clear_cache(self):
         """Forgets every layer's cached pair."""
