@@ -1,8 +1,11 @@
 """Ready-made flows. Every builder takes the event size ``dim`` first and returns a
 :class:`~pyro_flows_ext.Flow`; ``FLOWS`` maps the names the CLI and ``pfe.load`` use."""
 
+import torch
+
 from .distributions import Flow
 from .transforms import ActNorm, AffineCoupling, InvertibleBatchNorm, InvertibleConv1x1, Reverse
+from .transforms import MaskedAutoregressive, RationalQuadraticSpline, SplineCoupling
 
 FLOWS = {}
 
@@ -56,3 +59,77 @@ def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm="actnorm", conv=True, 
             layers.append(_NORMS[norm](dim))
         layers.append(InvertibleConv1x1(dim, lu=lu) if conv else Reverse(dim))
     return Flow(None, layers)
+
+
+# -- expressive flows: splines, autoregressive, residual (issue 3) ---------------------------
+
+def _alternating_mask(dim, i):
+    mask = torch.arange(dim) < dim // 2
+    return mask if i % 2 == 0 else ~mask
+
+
+@register
+def nsf(dim, num_layers=4, hidden_dims=(64, 64), count_bins=8, bound=5.0, context_dim=0):
+    r"""Neural Spline Flow (NSF-C, Durkan et al. 2019): ``num_layers`` rational-quadratic
+    spline couplings with alternating masks (``dim == 1``: element-wise splines). Starts at
+    the identity; one network pass per layer in either direction.
+
+    Args:
+        dim: event size ``D``.
+        num_layers: number of couplings.
+        hidden_dims: hidden sizes of each conditioner.
+        count_bins: bins per spline.
+        bound: spline interval ``[-bound, bound]`` (identity tails outside).
+        context_dim: context size for a conditional flow (``flow.condition(c)``).
+    """
+    if dim == 1:
+        if context_dim:
+            return maf(1, num_layers=num_layers, hidden_dims=hidden_dims, kind="spline",
+                       count_bins=count_bins, bound=bound, context_dim=context_dim)
+        return Flow(None, [RationalQuadraticSpline(1, count_bins, bound) for _ in range(num_layers)])
+    layers = [SplineCoupling(dim, tuple(hidden_dims), count_bins, bound,
+                             mask=_alternating_mask(dim, i), context_dim=context_dim)
+              for i in range(num_layers)]
+    return Flow(None, layers)
+
+
+def _autoregressive(dim, num_layers, hidden_dims, kind, inverse, context_dim, count_bins, bound,
+                    clamp):
+    layers = []
+    for i in range(num_layers):
+        order = torch.arange(dim) if i % 2 == 0 else torch.arange(dim).flip(0)
+        layers.append(MaskedAutoregressive(dim, kind=kind, inverse=inverse,
+                                           hidden_dims=tuple(hidden_dims), context_dim=context_dim,
+                                           count_bins=count_bins, bound=bound, order=order,
+                                           clamp=clamp))
+    return Flow(None, layers)
+
+
+@register
+def maf(dim, num_layers=5, hidden_dims=(64, 64), kind="affine", context_dim=0, count_bins=8,
+        bound=5.0, clamp=5.0):
+    r"""Masked Autoregressive Flow (Papamakarios et al. 2017): ``num_layers``
+    :class:`~pyro_flows_ext.transforms.MaskedAutoregressive` layers (``inverse=False``) with
+    alternating orders. ``log_prob`` costs one MADE pass per layer; sampling costs ``D``.
+
+    Args:
+        dim: event size ``D``.
+        num_layers: number of autoregressive layers.
+        hidden_dims: MADE hidden sizes.
+        kind: ``'affine'`` or ``'spline'`` element maps.
+        context_dim: context size for a conditional flow.
+        count_bins, bound: spline settings.
+        clamp: bound on the affine log-scales.
+    """
+    return _autoregressive(dim, num_layers, hidden_dims, kind, False, context_dim, count_bins,
+                           bound, clamp)
+
+
+@register
+def iaf(dim, num_layers=5, hidden_dims=(64, 64), kind="affine", context_dim=0, count_bins=8,
+        bound=5.0, clamp=5.0):
+    r"""Inverse Autoregressive Flow (Kingma et al. 2016), for guides: sampling (with its
+    log-density) costs one MADE pass per layer; scoring an arbitrary ``x`` costs ``D``.
+    Arguments as in :func:`maf`."""
+    return _autoregressive(dim, num_layers, hidden_dims, kind, True, context_dim, count_bins,
+                           bound, clamp)

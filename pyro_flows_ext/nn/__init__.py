@@ -3,3 +3,7 @@
 from .mlp import MLP
 
 __all__ = ["MLP"]
+
+from .made import MADE, MaskedLinear  # noqa: E402
+
+__all__ += ["MADE", "MaskedLinear"]

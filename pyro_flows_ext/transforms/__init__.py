@@ -20,3 +20,8 @@ __all__ = [
     "Permute",
     "Reverse",
 ]
+
+from .autoregressive import MaskedAutoregressive  # noqa: E402
+from .spline import RationalQuadraticSpline, SplineCoupling  # noqa: E402
+
+__all__ += ["MaskedAutoregressive", "RationalQuadraticSpline", "SplineCoupling"]

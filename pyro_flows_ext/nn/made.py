@@ -1,0 +1,71 @@
+"""MADE: a masked autoencoder whose outputs for variable ``i`` see only earlier variables."""
+
+import torch
+from torch import nn
+
+
+class MaskedLinear(nn.Linear):
+    """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask ``(out, in)``."""
+
+    def __init__(self, in_features, out_features, mask):
+        super().__init__(in_features, out_features)
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADE(nn.Module):
+    r"""Masked autoencoder for distribution estimation (Germain et al., 2015).
+
+    :math:`\theta_i = f_i(x_{<i}, c)`: the ``params`` outputs of variable ``i`` depend only
+    on the variables before ``i`` in ``order`` and on the context ``c`` (which every output
+    may see). Hidden degrees cycle through ``1 .. D-1``.
+
+    Args:
+        dim: number of variables ``D``.
+        params: outputs per variable ``P``.
+        hidden_dims: hidden layer sizes.
+        context_dim: context size ``C`` (0: none).
+        order: permutation of ``range(D)`` listing the variables in autoregressive order
+            (default ``0, 1, ..., D-1``).
+        activation: activation module class.
+        zero_init: zero the output layer (the flow layer then starts at the identity).
+    Shapes: ``x`` ``(*batch, D)``, ``context`` ``(*batch, C)`` -> ``(*batch, D, P)``.
+
+    References: Germain, Gregor, Murray, Larochelle. MADE. ICML 2015.
+    """
+
+    def __init__(self, dim, params, hidden_dims=(64, 64), context_dim=0, order=None,
+                 activation=nn.ReLU, zero_init=True):
+        super().__init__()
+        order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
+        if sorted(order.tolist()) != list(range(dim)):
+            raise ValueError(f"order must be a permutation of range({dim}), got {order.tolist()}")
+        self.dim, self.params, self.context_dim = dim, params, context_dim
+        rank = torch.empty(dim, dtype=torch.long)
+        rank[order] = torch.arange(1, dim + 1)  # degree of each input variable
+        self.register_buffer("order", order)
+        self.register_buffer("rank", rank)
+        in_deg = torch.cat([rank, torch.zeros(context_dim, dtype=torch.long)])  # context: 0
+        layers, prev = [], in_deg
+        for h in hidden_dims:
+            deg = torch.arange(h) % max(dim - 1, 1) + 1 if dim > 1 else torch.zeros(h, dtype=torch.long)
+            layers += [MaskedLinear(len(prev), h, deg[:, None] >= prev[None, :]), activation()]
+            prev = deg
+        out_deg = rank.repeat_interleave(params)  # output j * P + p belongs to variable j
+        self.out = MaskedLinear(len(prev), dim * params, out_deg[:, None] > prev[None, :])
+        self.hidden = nn.Sequential(*layers)
+        if zero_init:
+            nn.init.zeros_(self.out.weight)
+            nn.init.zeros_(self.out.bias)
+
+    def forward(self, x, context=None):
+        if self.context_dim:
+            if context is None:
+                raise ValueError(f"MADE has context_dim={self.context_dim}: pass context=...")
+            context = context.expand(x.shape[:-1] + context.shape[-1:])
+            x = torch.cat([x, context], dim=-1)
+        batch = x.shape[:-1]
+        y = self.out(self.hidden(x.reshape(-1, x.shape[-1])))
+        return y.reshape(batch + (self.dim, self.params))
