@@ -174,3 +174,28 @@ def test_exp_matches_pyro_exp_transform():
 def test_with_cache_returns_self_for_bijections():
     layer = AffineCoupling(2)
     assert layer.with_cache(1) is layer and layer.with_cache(0) is layer
+
+
+def test_conditional_affine_coupling_contract_per_context():
+    layer = perturb(AffineCoupling(3, hidden_dims=(8,), context_dim=2)).double()
+    for _ in range(2):
+        context = torch.randn(2, dtype=torch.float64)
+        check_bijection(layer.condition(context), (3,), dtype=torch.float64)
+
+
+def test_conditional_flow_depends_on_context_and_needs_it():
+    layers = [perturb(AffineCoupling(2, context_dim=3)), perturb(ActNorm(2))]
+    flow = pfe.Flow(None, layers)
+    with pytest.raises(ValueError, match="context_dim=3"):
+        flow.log_prob(torch.randn(4, 2))
+    c = torch.randn(4, 3)
+    conditioned = flow.condition(c)
+    x, lp = conditioned.sample_and_log_prob()
+    assert x.shape == (4, 2) and conditioned.batch_shape == (4,)
+    torch.testing.assert_close(conditioned.log_prob(x.clone()), lp)
+    assert not torch.allclose(flow.condition(torch.randn(4, 3)).log_prob(x), lp)
+    xs = conditioned.sample((5,))  # (sample, batch, event) with a batch of contexts
+    assert xs.shape == (5, 4, 2) and conditioned.log_prob(xs).shape == (5, 4)
+    pyro_cond = dist.ConditionalTransformedDistribution(dist.Normal(torch.zeros(2), 1).to_event(1),
+                                                        layers).condition(c)
+    torch.testing.assert_close(pyro_cond.log_prob(x.clone()), lp)

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..core import FlowLayer, check_event_size
+from ..core import FlowLayer, broadcast_context, check_event_size
 from ..nn import MLP
 
 
@@ -25,10 +25,12 @@ class AffineCoupling(FlowLayer):
         hidden_dims: hidden sizes of the conditioner MLP.
         mask: boolean ``(D,)``, True where ``z`` passes through; default the first ``D // 2``.
         clamp: bound on the log-scale.
+        context_dim: size of a context vector fed to the conditioner (0: unconditional);
+            use ``layer.condition(c)``.
     Shapes: ``z``, ``x``: ``(*batch, D)``; ``ladj``: ``batch``.
     """
 
-    def __init__(self, dim, hidden_dims=(64, 64), mask=None, clamp=5.0):
+    def __init__(self, dim, hidden_dims=(64, 64), mask=None, clamp=5.0, context_dim=0):
         super().__init__()
         if dim < 2:
             raise ValueError(f"AffineCoupling needs dim >= 2 to split the event, got {dim}")
@@ -38,7 +40,7 @@ class AffineCoupling(FlowLayer):
         if mask.shape != (dim,) or mask.all() or not mask.any():
             raise ValueError(f"mask must be a boolean tensor of shape ({dim},) with both "
                              f"True and False entries, got {mask.tolist()}")
-        self.dim, self.clamp = dim, clamp
+        self.dim, self.clamp, self.context_dim = dim, float(clamp), context_dim
         self.register_buffer("mask", mask)
         # Permutation putting the passed-through coordinates first; skipped when it is the
         # identity (the default mask), so the common case is two slices and a cat.
@@ -47,14 +49,18 @@ class AffineCoupling(FlowLayer):
         self._permuted = not torch.equal(order, torch.arange(dim))
         self.register_buffer("order", order)
         self.register_buffer("unorder", torch.argsort(order))
-        self.net = MLP(self._split, 2 * (dim - self._split), hidden_dims)
+        self.net = MLP(self._split + context_dim, 2 * (dim - self._split), hidden_dims)
 
-    def _transform(self, y, sign):
+    def _transform(self, y, sign, context):
         check_event_size(y, self.dim, "AffineCoupling")
+        self._require_context(context)
         if self._permuted:
             y = y[..., self.order]
         y_a, y_b = y[..., : self._split], y[..., self._split :]
-        shift, raw = self.net(y_a).chunk(2, dim=-1)
+        features = y_a
+        if self.context_dim:
+            features = torch.cat([y_a, broadcast_context(context, y_a)], -1)
+        shift, raw = self.net(features).chunk(2, dim=-1)
         log_scale = soft_clamp(raw, self.clamp)
         if sign > 0:
             out_b = y_b * log_scale.exp() + shift
@@ -65,8 +71,8 @@ class AffineCoupling(FlowLayer):
             out = out[..., self.unorder]
         return out, sign * log_scale.sum(-1)
 
-    def call_and_ladj(self, z):
-        return self._transform(z, 1)
+    def call_and_ladj(self, z, context=None):
+        return self._transform(z, 1, context)
 
-    def inverse_and_ladj(self, x):
-        return self._transform(x, -1)
+    def inverse_and_ladj(self, x, context=None):
+        return self._transform(x, -1, context)
