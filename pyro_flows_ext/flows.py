@@ -5,7 +5,7 @@ import torch
 
 from .distributions import Flow
 from .transforms import ActNorm, AffineCoupling, InvertibleBatchNorm, InvertibleConv1x1, Reverse
-from .transforms import MaskedAutoregressive, RationalQuadraticSpline, SplineCoupling
+from .transforms import MaskedAutoregressive, RationalQuadraticSpline, ResidualBlock, SplineCoupling
 
 FLOWS = {}
 
@@ -133,3 +133,29 @@ def iaf(dim, num_layers=5, hidden_dims=(64, 64), kind="affine", context_dim=0, c
     Arguments as in :func:`maf`."""
     return _autoregressive(dim, num_layers, hidden_dims, kind, True, context_dim, count_bins,
                            bound, clamp)
+
+
+@register
+def residual_flow(dim, num_blocks=6, hidden_dims=(64, 64), lipschitz=0.97, logdet="exact",
+                  actnorm=True, **block_kwargs):
+    r"""Residual Flow (Chen et al. 2019): ``num_blocks`` invertible residual blocks
+    :math:`z = x + g(x)` (data -> base), each preceded on the data side by an ActNorm.
+    ``log_prob`` is one pass per block (no fixed-point iteration); sampling solves each
+    block by fixed-point iteration. Eval mode uses the exact log-det.
+
+    Args:
+        dim: event size ``D``.
+        num_blocks: number of residual blocks.
+        hidden_dims: hidden sizes of each block's ``g``.
+        lipschitz: bound on :math:`\mathrm{Lip}(g)` per block.
+        logdet: training log-det estimator, ``'exact'`` (small ``D``), ``'power'`` or
+            ``'roulette'``.
+        actnorm: an ActNorm on the data side of every block.
+        block_kwargs: further :class:`~pyro_flows_ext.transforms.ResidualBlock` arguments.
+    """
+    layers = []
+    for _ in range(num_blocks):
+        layers.append(ResidualBlock(dim, tuple(hidden_dims), lipschitz, logdet, **block_kwargs))
+        if actnorm:
+            layers.append(ActNorm(dim))
+    return Flow(None, layers)

@@ -9,6 +9,15 @@ from pyro_flows_ext.transforms._rqs import knots, rqs_forward, rqs_inverse
 
 from .contract import check_bijection, perturb
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One intra-op thread: on a shared 2-core machine more threads only fight each other."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 LAYERS = {
     "rqs": (lambda: RationalQuadraticSpline(3, count_bins=5, bound=2.0), (3,)),
     "spline-coupling": (lambda: SplineCoupling(4, hidden_dims=(8,), count_bins=4), (4,)),

@@ -56,16 +56,23 @@ class MADE(nn.Module):
         out_deg = rank.repeat_interleave(params)  # output j * P + p belongs to variable j
         self.out = MaskedLinear(len(prev), dim * params, out_deg[:, None] > prev[None, :])
         self.hidden = nn.Sequential(*layers)
+        # a direct context -> output path: the first variable in `order` has no hidden unit
+        # it may read, but its outputs must still see the context
+        self.context_out = nn.Linear(context_dim, dim * params, bias=False) if context_dim else None
         if zero_init:
             nn.init.zeros_(self.out.weight)
             nn.init.zeros_(self.out.bias)
+            if self.context_out is not None:
+                nn.init.zeros_(self.context_out.weight)
 
     def forward(self, x, context=None):
+        batch = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])
         if self.context_dim:
             if context is None:
                 raise ValueError(f"MADE has context_dim={self.context_dim}: pass context=...")
-            context = context.expand(x.shape[:-1] + context.shape[-1:])
-            x = torch.cat([x, context], dim=-1)
-        batch = x.shape[:-1]
-        y = self.out(self.hidden(x.reshape(-1, x.shape[-1])))
+            context = context.expand(batch + context.shape[-1:]).reshape(-1, self.context_dim)
+            y = self.out(self.hidden(torch.cat([x, context], dim=-1))) + self.context_out(context)
+        else:
+            y = self.out(self.hidden(x))
         return y.reshape(batch + (self.dim, self.params))

@@ -25,3 +25,6 @@ from .autoregressive import MaskedAutoregressive  # noqa: E402
 from .spline import RationalQuadraticSpline, SplineCoupling  # noqa: E402
 
 __all__ += ["MaskedAutoregressive", "RationalQuadraticSpline", "SplineCoupling"]
+from .residual import ResidualBlock  # noqa: E402
+
+__all__ += ["ResidualBlock"]
