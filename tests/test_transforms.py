@@ -199,3 +199,11 @@ def test_conditional_flow_depends_on_context_and_needs_it():
     pyro_cond = dist.ConditionalTransformedDistribution(dist.Normal(torch.zeros(2), 1).to_event(1),
                                                         layers).condition(c)
     torch.testing.assert_close(pyro_cond.log_prob(x.clone()), lp)
+
+
+def test_conv_reverse_init_is_the_channel_reversal():
+    z = torch.randn(5, 4)
+    for lu in (False, True):
+        torch.testing.assert_close(InvertibleConv1x1(4, lu=lu, init="reverse")(z), z.flip(-1))
+    with pytest.raises(ValueError, match="init must be"):
+        InvertibleConv1x1(4, init="nope")

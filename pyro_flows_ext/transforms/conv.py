@@ -11,20 +11,27 @@ class InvertibleConv1x1(FlowLayer):
 
     :math:`\log|\det J| = H W \log|\det W|` (``H W = 1`` for vectors). With ``lu=True``,
     :math:`W = P L (U + \mathrm{diag}(s\, e^{\log|s|}))` as in Glow, so the log-det is
-    :math:`\sum \log|s|` and costs no decomposition. Starts at a random rotation.
+    :math:`\sum \log|s|` and costs no decomposition.
 
     Args:
         dim: channels ``C`` (the event size for vectors).
         lu: use the LU parametrisation.
         event_dim: 1 for vectors ``(*batch, C)``, 3 for images ``(*batch, C, H, W)``.
+        init: ``"rotation"`` (a random rotation, as Glow) or ``"reverse"`` (starts as the
+            channel reversal, so a coupling stack starts as RealNVP with alternating halves).
     """
 
-    def __init__(self, dim, lu=False, event_dim=1):
+    def __init__(self, dim, lu=False, event_dim=1, init="rotation"):
         super().__init__()
         if event_dim not in (1, 3):
             raise ValueError(f"event_dim must be 1 (vectors) or 3 (C, H, W images), got {event_dim}")
         self.dim, self.lu, self.event_dim = dim, lu, event_dim
-        rotation = torch.linalg.qr(torch.randn(dim, dim))[0].contiguous()
+        if init == "rotation":
+            rotation = torch.linalg.qr(torch.randn(dim, dim))[0].contiguous()
+        elif init == "reverse":
+            rotation = torch.eye(dim).flip(0)
+        else:
+            raise ValueError(f"init must be 'rotation' or 'reverse', got {init!r}")
         if not lu:
             self.weight = nn.Parameter(rotation)
             return
