@@ -2,6 +2,10 @@ import pyro
 import pytest
 import torch
 
+# One thread: on a shared 2-core machine OpenMP spin-waiting against another busy process
+# turns millisecond steps into hundreds of milliseconds.
+torch.set_num_threads(1)
+
 
 @pytest.fixture(autouse=True)
 def seeded():
