@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -120,6 +121,154 @@ def cmd_sample(args):
     print(f"wrote {args.n} samples to {args.output}")
 
 
+def _load_model(spec):
+    """The callable named by ``path/to/file.py:function`` (default function ``model``)."""
+    import importlib.util
+
+    path, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "model")
+    if not path or not name:
+        raise CLIError(f"expected a model as path/to/file.py:function, got {spec!r}")
+    if not os.path.isfile(path):
+        raise CLIError(f"model file {path!r} does not exist")
+    module_name = "_pyro_flows_user_" + os.path.splitext(os.path.basename(path))[0]
+    try:
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:  # the user's file failed to import: report its error in one line
+        raise CLIError(f"could not import {path!r}: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    fn = getattr(module, name, None)
+    if fn is None:
+        found = sorted(k for k, v in vars(module).items() if callable(v) and not
+                       k.startswith("_") and getattr(v, "__module__", None) == module_name)
+        raise CLIError(f"{path!r} has no function {name!r}"
+                       + (f" (found: {', '.join(found)})" if found else ""))
+    if not callable(fn):
+        raise CLIError(f"{path}:{name} is not callable")
+    return fn
+
+
+def _trace_model(model):
+    """Runs the model once so structural errors become one clear line."""
+    from pyro import poutine
+
+    try:
+        with poutine.block():
+            trace = poutine.trace(model).get_trace()
+    except Exception as e:
+        raise CLIError(f"the model failed to run with no arguments: {type(e).__name__}: "
+                       f"{str(e).splitlines()[0] if str(e) else ''}") from e
+    latent = [n for n, s in trace.nodes.items() if s["type"] == "sample"
+              and not s["is_observed"] and type(s["fn"]).__name__ != "_Subsample"]
+    if not latent:
+        raise CLIError("the model has no latent sample sites: nothing to infer")
+    discrete = [n for n in latent if trace.nodes[n]["fn"].support.is_discrete]
+    if discrete:
+        raise CLIError(f"the model has discrete latent sites ({', '.join(discrete)}); "
+                       "AutoFlowGuide needs continuous ones (enumerate them out)")
+    return latent
+
+
+def cmd_infer(args):
+    import pyro
+    import torch
+    from tqdm.auto import tqdm
+
+    from .flows import FLOWS
+    from .infer import AutoFlowGuide, neutra_mcmc
+
+    if args.flow not in FLOWS:
+        raise CLIError(f"unknown flow {args.flow!r}; expected one of: {', '.join(sorted(FLOWS))}")
+    if args.neutra and (args.num_samples < 1 or args.warmup < 0):
+        raise CLIError("--num-samples must be >= 1 and --warmup >= 0")
+    model = _load_model(args.model)
+    torch.set_num_threads(args.threads)
+    pyro.set_rng_seed(args.seed)
+    pyro.clear_param_store()
+    latent = _trace_model(model)
+    out = args.out or os.path.join("runs", "infer_" + _model_stem(args.model))
+    os.makedirs(out, exist_ok=True)
+
+    guide = AutoFlowGuide(model, flow=args.flow)
+    optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1 / args.steps)})
+    svi = pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
+    losses = []
+    bar = tqdm(range(args.steps), desc="SVI", disable=args.quiet, mininterval=0.5)
+    for step in bar:
+        loss = svi.step()
+        if not math.isfinite(loss):
+            raise CLIError(f"the ELBO became {loss} at step {step}; try a smaller --lr")
+        losses.append(loss)
+        if step % 50 == 0:
+            bar.set_postfix(loss=f"{loss:.3f}")
+    bar.close()
+
+    from . import diagnostics
+
+    est = diagnostics.log_evidence(model, guide, args.diag_samples)
+    tail = losses[-max(1, len(losses) // 10):]
+    print(f"flow: {args.flow}  latent sites: {', '.join(latent)}  (dimension {guide.latent_dim})")
+    print(f"ELBO (last 10% of steps, mean): {-sum(tail) / len(tail):.4f}")
+    print(f"ELBO ({args.diag_samples} draws): {est['elbo']:.4f} +- {est['elbo_se']:.4f}")
+    print(f"importance-weighted log evidence: {est['log_evidence']:.4f}")
+    verdict = ("trustworthy" if est["khat"] < 0.5 else "usable with care" if est["khat"] < 0.7
+               else "do not trust the guide; try --neutra")
+    print(f"PSIS k-hat: {est['khat']:.3f} ({verdict})")
+
+    if args.neutra:
+        result = neutra_mcmc(model, guide, args.num_samples, args.warmup, seed=args.seed,
+                             progress=not args.quiet)
+        idata, source = result.idata, "NeuTra NUTS"
+        print(f"NeuTra NUTS: {args.num_samples} draws, {result.divergences} divergences, "
+              f"{result.seconds:.1f} s")
+    else:
+        idata = diagnostics.to_inference_data(None, model=model, guide=guide,
+                                              num_samples=args.num_samples)
+        source = "guide"
+    import arviz as az
+
+    summary = az.summary(idata, kind="all" if args.neutra else "stats")
+    print(f"posterior summary ({source}):")
+    print(summary.to_string())
+    _plot_inference(idata, out)
+    metrics = {"model": args.model, "flow": args.flow, "steps": args.steps,
+               "elbo": est["elbo"], "log_evidence": est["log_evidence"], "khat": est["khat"],
+               "neutra": bool(args.neutra)}
+    with open(os.path.join(out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    summary.to_csv(os.path.join(out, "summary.csv"))
+    print(f"wrote {out}/: trace.png, posterior.png, summary.csv, metrics.json")
+
+
+def _model_stem(spec):
+    path = spec.rpartition(":")[0] if ":" in spec else spec
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def _plot_inference(idata, out):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import arviz as az
+    import matplotlib.pyplot as plt
+
+    # at most 8 scalar panels keep the figures readable for models with many coordinates
+    names = list(idata.posterior.data_vars)
+    coords = {}
+    for name in names:
+        extra = [d for d in idata.posterior[name].dims if d not in ("chain", "draw")]
+        for d in extra:
+            coords[d] = idata.posterior[name][d].values[:4]
+    az.plot_trace(idata, var_names=names, coords=coords, compact=True)
+    plt.gcf().tight_layout()
+    plt.savefig(os.path.join(out, "trace.png"), dpi=80)
+    plt.close("all")
+    az.plot_posterior(idata, var_names=names, coords=coords)
+    plt.savefig(os.path.join(out, "posterior.png"), dpi=80)
+    plt.close("all")
+
+
 def build_parser():
     from .flows import FLOWS
 
@@ -146,11 +295,28 @@ def build_parser():
     sample.add_argument("-o", "--output", default="samples.csv", help=".csv or .npy")
     sample.add_argument("--seed", type=int, default=0)
     sample.set_defaults(run=cmd_sample)
+    infer = sub.add_parser("infer", help="SVI with a flow guide on a Pyro model, optional NeuTra")
+    infer.add_argument("model", help="path/to/model.py:function (a model taking no arguments)")
+    infer.add_argument("--flow", default="nsf" if "nsf" in FLOWS else "realnvp",
+                       help=f"guide flow, one of: {', '.join(sorted(FLOWS))}")
+    infer.add_argument("--steps", type=int, default=2000)
+    infer.add_argument("--lr", type=float, default=1e-2)
+    infer.add_argument("--neutra", action="store_true", help="then NeuTra NUTS with the guide")
+    infer.add_argument("--num-samples", type=int, default=1000,
+                       help="NUTS draws (or guide draws for the summary)")
+    infer.add_argument("--warmup", type=int, default=500, help="NUTS warmup steps")
+    infer.add_argument("--diag-samples", type=int, default=1000,
+                       help="guide draws for k-hat and the evidence estimate")
+    infer.add_argument("--threads", type=int, default=1, help="torch threads")
+    infer.add_argument("--seed", type=int, default=0)
+    infer.add_argument("--out", default=None, help="output folder (default runs/infer_<file>)")
+    infer.add_argument("--quiet", action="store_true", help="no progress bars")
+    infer.set_defaults(run=cmd_infer)
     return parser
 
 
 def _check(args):
-    for name in ("steps", "batch_size", "n"):
+    for name in ("steps", "batch_size", "n", "num_samples", "diag_samples", "threads"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, "
                            f"got {getattr(args, name)}")

@@ -1,0 +1,203 @@
+"""Diagnostics for guides and MCMC runs with arviz: PSIS k-hat, importance-weighted evidence,
+``InferenceData``. arviz is imported here only (it is slow to import)."""
+
+import math
+import warnings
+
+import arviz as az
+import numpy as np
+import pyro
+import torch
+from pyro import poutine
+from pyro.infer.importance import vectorized_importance_weights
+
+__all__ = ["log_importance_weights", "psis_khat", "log_evidence", "to_inference_data"]
+
+
+def _max_plate_nesting(model, guide, args, kwargs):
+    with poutine.block():
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs)
+    dims = [-f.dim for tr in (model_trace, guide_trace) for site in tr.nodes.values()
+            if site["type"] == "sample" for f in site["cond_indep_stack"] if f.vectorized]
+    return max(dims, default=0)
+
+
+def _autocontinuous_log_weights(model, guide, num_samples, args, kwargs):
+    """One batched pass through the guide's posterior, then one model trace per draw."""
+    from torch.distributions import biject_to
+
+    from .distributions import Flow
+
+    if guide.prototype_trace is None:
+        guide(*args, **kwargs)
+    posterior = guide.get_posterior(*args, **kwargs)
+    if isinstance(posterior, Flow):
+        latent, log_q = posterior.sample_and_log_prob((num_samples,))
+    else:
+        latent = posterior.sample((num_samples,))
+        log_q = posterior.log_prob(latent)
+    out = []
+    for s in range(num_samples):
+        values, log_q_s = {}, log_q[s]
+        for site, u in guide._unpack_latent(latent[s]):
+            t = biject_to(site["fn"].support)
+            values[site["name"]] = x = t(u)
+            log_q_s = log_q_s - t.log_abs_det_jacobian(u, x).sum()
+        model_trace = poutine.trace(poutine.condition(model, values)).get_trace(*args, **kwargs)
+        out.append(model_trace.log_prob_sum() - log_q_s)
+    return torch.stack(out)
+
+
+def _sequential_log_weights(model, guide, num_samples, args, kwargs):
+    from pyro.infer.autoguide import AutoContinuous
+
+    if isinstance(guide, AutoContinuous):
+        return _autocontinuous_log_weights(model, guide, num_samples, args, kwargs)
+    out = []
+    for _ in range(num_samples):
+        guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
+            *args, **kwargs)
+        out.append(model_trace.log_prob_sum() - guide_trace.log_prob_sum())
+    return torch.stack(out)
+
+
+@torch.no_grad()
+def log_importance_weights(model, guide, num_samples=1000, *args, **kwargs):
+    r"""Log importance weights :math:`\log w_s = \log p(x, \theta_s) - \log q(\theta_s)`,
+    :math:`\theta_s \sim q`.
+
+    Draws are vectorized over a particle plate when the model allows it (it broadcasts over
+    a new leftmost batch dimension); otherwise one trace per draw.
+
+    Args:
+        model: the Pyro model.
+        guide: a trained guide for it (any Pyro guide).
+        num_samples: number of draws ``S``.
+        *args, **kwargs: the model's arguments.
+    Returns: a ``(S,)`` tensor.
+    """
+    if not (isinstance(num_samples, int) and num_samples >= 2):
+        raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    with poutine.block():
+        try:
+            nesting = _max_plate_nesting(model, guide, args, kwargs)
+            log_w = vectorized_importance_weights(model, guide, *args, num_samples=num_samples,
+                                                  max_plate_nesting=nesting, **kwargs)[0]
+            if log_w.shape != (num_samples,):
+                raise ValueError("model is not vectorizable over particles")
+        except (ValueError, RuntimeError, IndexError, NotImplementedError):
+            log_w = _sequential_log_weights(model, guide, num_samples, args, kwargs)
+    return log_w.detach()
+
+
+def _khat(log_w):
+    lw = log_w.double().cpu().numpy()
+    if not np.isfinite(lw).any():
+        return float("inf")
+    lw = np.where(np.isfinite(lw), lw, -np.inf)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, k = az.psislw(lw.copy())
+    return float(k)
+
+
+def psis_khat(model, guide, num_samples=1000, *args, **kwargs):
+    r"""Pareto-smoothed importance sampling :math:`\hat k` of the guide (Yao et al., 2018).
+
+    Fits a generalized Pareto to the upper tail of :math:`w = p(x,\theta)/q(\theta)`,
+    :math:`\theta \sim q`. Below 0.5: importance sampling (and the guide) can be trusted;
+    0.5 to 0.7: usable with care; above 0.7: the guide misses posterior mass.
+
+    Args:
+        model, guide: the Pyro model and a trained guide.
+        num_samples: draws ``S`` (a few hundred at least; 1000 by default).
+        *args, **kwargs: the model's arguments.
+    Returns: :math:`\hat k` as a float.
+    References: Yes, but Did It Work?: Evaluating Variational Inference,
+    https://arxiv.org/abs/1802.02538
+    """
+    return _khat(log_importance_weights(model, guide, num_samples, *args, **kwargs))
+
+
+def log_evidence(model, guide, num_samples=1000, *args, **kwargs):
+    r"""Importance-weighted log-evidence estimate and the ELBO from the same draws.
+
+    :math:`\log \hat p(x) = \log \frac1S \sum_s w_s` (a stochastic lower bound, tight as
+    :math:`S \to \infty`); :math:`\mathrm{ELBO} = \frac1S \sum_s \log w_s`.
+
+    Returns: a dict with ``log_evidence``, ``elbo``, ``elbo_se`` (standard error), ``khat``
+    and ``ess`` (importance-sampling effective sample size), all floats.
+    """
+    log_w = log_importance_weights(model, guide, num_samples, *args, **kwargs).double()
+    finite = log_w[torch.isfinite(log_w)]
+    n = log_w.numel()
+    lse = torch.logsumexp(log_w, 0)
+    w = torch.exp(log_w - lse)
+    return {"log_evidence": float(lse - math.log(n)),
+            "elbo": float(log_w.mean()),
+            "elbo_se": float(finite.std() / math.sqrt(max(len(finite), 1))),
+            "khat": _khat(log_w),
+            "ess": float(1.0 / w.square().sum())}
+
+
+def _to_numpy(value):
+    if torch.is_tensor(value):
+        return value.detach().cpu().numpy()
+    return np.asarray(value)
+
+
+def to_inference_data(source, num_chains=None, model=None, guide=None, num_samples=1000,
+                      *args, **kwargs):
+    r"""An arviz ``InferenceData`` from MCMC or guide draws, so ``az.summary`` and
+    ``az.plot_trace`` work.
+
+    Args:
+        source: a ``pyro.infer.MCMC`` (after ``run``), a dict of site draws shaped
+            ``(chains, draws, *site)`` (pass ``num_chains=1`` for ``(draws, *site)``), an
+            existing ``InferenceData`` (returned as is), or ``None`` with ``model`` and
+            ``guide`` to draw ``num_samples`` from the guide (``pyro.infer.Predictive``).
+        num_chains: split ``(chains * draws, *site)`` arrays into this many chains.
+    Returns: ``arviz.InferenceData`` with a ``posterior`` group.
+    """
+    if isinstance(source, az.InferenceData):
+        return source
+    if source is None:
+        if model is None or guide is None:
+            raise ValueError("to_inference_data(None, ...) needs model= and guide= to draw "
+                             "from the guide")
+        names = None
+        if hasattr(guide, "prototype_trace") and guide.prototype_trace is not None:
+            names = [n for n, _ in guide.prototype_trace.iter_stochastic_nodes()]
+        with torch.no_grad():
+            draws = pyro.infer.Predictive(model, guide=guide, num_samples=num_samples,
+                                          return_sites=names)(*args, **kwargs)
+        if names is None:  # keep latent sites only
+            trace = poutine.trace(guide).get_trace(*args, **kwargs)
+            names = [n for n, s in trace.nodes.items() if s["type"] == "sample"
+                     and not s["is_observed"] and not n.startswith("_")]
+        source = {k: v for k, v in draws.items() if k in names}
+        if getattr(guide, "prototype_trace", None) is not None:  # drop plate singleton dims
+            nodes = guide.prototype_trace.nodes
+            source = {k: v.reshape((num_samples,) + nodes[k]["value"].shape)
+                      for k, v in source.items()}
+        num_chains = 1
+    if hasattr(source, "get_samples") and hasattr(source, "num_chains"):
+        samples = source.get_samples(group_by_chain=True)
+        data = {k: _to_numpy(v) for k, v in samples.items()}
+        return az.from_dict(posterior=data)
+    if not isinstance(source, dict):
+        raise TypeError("to_inference_data expects a pyro MCMC, a dict of draws or an "
+                        f"InferenceData, got {type(source).__name__}")
+    data = {}
+    for name, value in source.items():
+        value = _to_numpy(value)
+        if num_chains:
+            if value.shape[0] % num_chains:
+                raise ValueError(f"site {name!r}: {value.shape[0]} draws do not split into "
+                                 f"{num_chains} chains")
+            value = value.reshape((num_chains, -1) + value.shape[1:])
+        data[name] = value
+    return az.from_dict(posterior=data)

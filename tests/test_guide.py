@@ -1,0 +1,159 @@
+"""AutoFlowGuide: exact posterior and evidence on a conjugate model, Pyro integration."""
+
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.infer import SVI, Predictive, Trace_ELBO
+from pyro.infer.autoguide import init_to_value
+
+import pyro_flows_ext as pfe
+from pyro_flows_ext.infer import AutoFlowGuide
+from pyro_flows_ext.infer.guide import LocScale
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: with two, a busy neighbour makes OpenMP spin-wait (4x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_regression(n=20, d=3, noise=0.5, prior=1.0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d, generator=g, dtype=dtype)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=dtype)[:d] + noise * torch.randn(
+        n, generator=g, dtype=dtype)
+
+    def model(x=x, y=y, subsample_size=None):
+        w = pyro.sample("w", dist.Normal(torch.zeros(d, dtype=dtype), prior).to_event(1))
+        with pyro.plate("data", len(x), subsample_size=subsample_size) as idx:
+            # broadcasts over a leftmost particle dimension (vectorized diagnostics)
+            pyro.sample("y", dist.Normal((x[idx] * w).sum(-1), noise), obs=y[idx])
+
+    # exact posterior N(mu, cov) and evidence y ~ N(0, prior^2 X X^T + noise^2 I),
+    # computed independently of Pyro
+    prec = torch.eye(d, dtype=dtype) / prior**2 + x.T @ x / noise**2
+    cov = torch.linalg.inv(prec)
+    mu = cov @ x.T @ y / noise**2
+    marg = prior**2 * x @ x.T + noise**2 * torch.eye(n, dtype=dtype)
+    log_z = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=dtype), marg).log_prob(y)
+    return model, mu, cov, float(log_z)
+
+
+def fit(model, guide, steps, lr=3e-2, particles=1, **kwargs):
+    optim = pyro.optim.ClippedAdam({"lr": lr, "lrd": 0.01 ** (1 / steps)})
+    svi = SVI(model, guide, optim, Trace_ELBO(particles, vectorize_particles=particles > 1))
+    for _ in range(steps):
+        loss = svi.step(**kwargs)
+        assert math.isfinite(loss)
+    return guide
+
+
+def check_conjugate(steps, lr, mean_tol, cov_tol, elbo_tol, particles=4):
+    model, mu, cov, log_z = make_regression()
+    guide = fit(model, AutoFlowGuide(model, flow="realnvp"), steps, lr, particles)
+    with torch.no_grad():
+        w = guide.get_posterior().sample((20_000,))
+    assert w.dtype == torch.float64
+    sd = cov.diagonal().sqrt()  # ~0.1; tolerances are in posterior standard deviations
+    assert ((w.mean(0) - mu).abs() / sd).max() < mean_tol, (w.mean(0), mu)
+    assert ((torch.cov(w.T) - cov).abs() / sd.outer(sd)).max() < cov_tol, (torch.cov(w.T), cov)
+    from pyro_flows_ext.diagnostics import log_evidence
+
+    est = log_evidence(model, guide, 4000)
+    assert est["elbo"] <= log_z + 4 * est["elbo_se"]
+    assert log_z - est["elbo"] < elbo_tol, (est, log_z)
+    assert abs(est["log_evidence"] - log_z) < elbo_tol
+
+
+def test_conjugate_regression_exact():
+    # about 10 s on one thread, so it stays in the default suite
+    check_conjugate(1500, 0.01, mean_tol=0.3, cov_tol=0.15, elbo_tol=0.1)
+
+
+def test_init_near_prior_and_init_loc_fn():
+    model, *_ = make_regression(dtype=torch.float32)
+    loc = torch.tensor([0.3, -0.2, 0.1])
+    guide = AutoFlowGuide(model, init_loc_fn=init_to_value(values={"w": loc}), init_scale=0.01)
+    with torch.no_grad():
+        w = guide.get_posterior().sample((2000,))
+    assert torch.allclose(w.mean(0), loc, atol=0.01)
+    assert torch.allclose(w.std(0), torch.full((3,), 0.01), rtol=0.2)
+
+
+def test_score_own_sample_never_inverts(monkeypatch):
+    model, *_ = make_regression(dtype=torch.float32)
+    guide = AutoFlowGuide(model)
+    guide()
+    for t in guide.flow.transforms:
+        monkeypatch.setattr(t, "inverse_and_ladj", lambda *a: pytest.fail("inverted"))
+    loss = Trace_ELBO().differentiable_loss(model, guide)
+    loss.backward()
+    assert all(p.grad is not None for p in guide.parameters())
+
+
+def test_callable_flow_predictive_quantiles_median():
+    model, mu, *_ = make_regression(dtype=torch.float32)
+    guide = AutoFlowGuide(model, flow=lambda d: [pfe.transforms.AffineCoupling(d)])
+    fit(model, guide, 300, lr=3e-2)
+    pred = Predictive(model, guide=guide, num_samples=50)()
+    assert pred["w"].squeeze(1).shape == (50, 3) and pred["y"].shape == (50, 20)
+    q = guide.quantiles([0.1, 0.5, 0.9])
+    assert q["w"].shape == (3, 3) and (q["w"][0] < q["w"][2]).all()
+    assert torch.allclose(guide.median()["w"], mu.float(), atol=0.15)
+    assert isinstance(guide.get_posterior(), pfe.Flow)
+
+
+def test_plate_subsampling():
+    model, mu, *_ = make_regression(dtype=torch.float32)
+    guide = fit(model, AutoFlowGuide(model), 300, lr=2e-2, subsample_size=10)
+    assert torch.allclose(guide.median()["w"], mu.float(), atol=0.3)
+
+
+def test_float64_and_to():
+    model, *_ = make_regression(dtype=torch.float64)
+    guide = AutoFlowGuide(model)
+    guide()
+    assert all(p.dtype == torch.float64 for p in guide.parameters())
+    guide.to(torch.float32).to(torch.float64)
+    assert guide.get_posterior().sample((2,)).dtype == torch.float64
+
+
+def test_constrained_sites_and_one_dim():
+    def model():
+        s = pyro.sample("s", dist.LogNormal(0.0, 1.0))
+        pyro.sample("obs", dist.Normal(0.0, s).expand([2]).to_event(1),
+                    obs=torch.tensor([0.5, -1.0]))
+
+    with pytest.warns(UserWarning, match="one latent dimension"):
+        guide = fit(model, AutoFlowGuide(model), 50)
+    assert (guide.quantiles([0.05])["s"] > 0).all()
+
+
+@pytest.mark.parametrize("flow", sorted(pfe.flows.FLOWS))
+def test_every_builder_trains(flow):
+    model, *_ = make_regression(dtype=torch.float32)
+    fit(model, AutoFlowGuide(model, flow=flow), 20)
+
+
+def test_bad_arguments():
+    model, *_ = make_regression()
+    with pytest.raises(ValueError, match="unknown flow 'nope'"):
+        AutoFlowGuide(model, flow="nope")
+    with pytest.raises(TypeError, match="builder name or a callable"):
+        AutoFlowGuide(model, flow=3)
+    with pytest.raises(ValueError, match="init_scale"):
+        AutoFlowGuide(model, init_scale=0.0)
+
+
+def test_locscale_jacobian():
+    from tests.contract import check_bijection
+
+    layer = LocScale(3, torch.tensor([0.1, 0.2, 0.3]), torch.tensor([0.5, 2.0, 30.0]))
+    check_bijection(layer, (3,))
+    assert torch.allclose(layer.scale.float(), torch.tensor([0.5, 2.0, 30.0]), rtol=1e-5)
