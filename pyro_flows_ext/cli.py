@@ -218,7 +218,7 @@ def cmd_infer(args):
 
     if args.neutra:
         result = neutra_mcmc(model, guide, args.num_samples, args.warmup, seed=args.seed,
-                             progress=not args.quiet)
+                             max_tree_depth=args.max_tree_depth, progress=not args.quiet)
         idata, source = result.idata, "NeuTra NUTS"
         print(f"NeuTra NUTS: {args.num_samples} draws, {result.divergences} divergences, "
               f"{result.seconds:.1f} s")
@@ -305,6 +305,7 @@ def build_parser():
     infer.add_argument("--num-samples", type=int, default=1000,
                        help="NUTS draws (or guide draws for the summary)")
     infer.add_argument("--warmup", type=int, default=500, help="NUTS warmup steps")
+    infer.add_argument("--max-tree-depth", type=int, default=10, help="NUTS tree depth")
     infer.add_argument("--diag-samples", type=int, default=1000,
                        help="guide draws for k-hat and the evidence estimate")
     infer.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -316,7 +317,8 @@ def build_parser():
 
 
 def _check(args):
-    for name in ("steps", "batch_size", "n", "num_samples", "diag_samples", "threads"):
+    for name in ("steps", "batch_size", "n", "num_samples", "diag_samples", "threads",
+                 "max_tree_depth"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, "
                            f"got {getattr(args, name)}")

@@ -88,7 +88,7 @@ def log_importance_weights(model, guide, num_samples=1000, *args, **kwargs):
                                                   max_plate_nesting=nesting, **kwargs)[0]
             if log_w.shape != (num_samples,):
                 raise ValueError("model is not vectorizable over particles")
-        except (ValueError, RuntimeError, IndexError, NotImplementedError):
+        except Exception:  # any failure of the vectorized run: one trace per draw instead
             log_w = _sequential_log_weights(model, guide, num_samples, args, kwargs)
     return log_w.detach()
 

@@ -129,8 +129,14 @@ def neutra_mcmc(model, guide, num_samples=1000, warmup_steps=500, num_chains=1, 
             diverging.append(div)
         seconds = time.perf_counter() - start
         latent = torch.stack(latents)
+        # draws go left of every plate dimension (NeuTraReparam.transform_sample's contract)
+        nesting = max((-f.dim for site in guide.prototype_trace.nodes.values()
+                       for f in site.get("cond_indep_stack", ()) if f.vectorized), default=0)
+        nodes = guide.prototype_trace.nodes
         with torch.no_grad():
-            flat = neutra.transform_sample(latent.reshape(-1, latent.shape[-1]))
+            flat = neutra.transform_sample(
+                latent.reshape((-1,) + (1,) * nesting + latent.shape[-1:]))
+            flat = {k: v.reshape((-1,) + nodes[k]["value"].shape) for k, v in flat.items()}
     finally:
         for p, g in zip(guide.parameters(), grads):
             p.requires_grad_(g)

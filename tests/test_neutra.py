@@ -1,0 +1,110 @@
+"""neutra_mcmc: NUTS on the funnel through a flow guide; refuses non-bijective layers."""
+
+import importlib.util
+import os
+
+import pyro
+import pytest
+import scipy.stats
+import torch
+from pyro.infer import SVI, Trace_ELBO
+
+import pyro_flows_ext as pfe
+from pyro_flows_ext.core import FlowLayer
+from pyro_flows_ext.infer import AutoFlowGuide, neutra_mcmc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example(name):
+    path = os.path.join(ROOT, "examples", "models", name + ".py")
+    spec = importlib.util.spec_from_file_location("example_" + name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def funnel_guide(dim, steps):
+    """A coupling that lets v scale x: the exact funnel map is in its family."""
+    funnel = load_example("funnel")
+
+    def model():
+        funnel.model(dim)
+
+    mask = torch.arange(dim) == 0  # v (the first latent coordinate) conditions the rest
+    guide = AutoFlowGuide(model, flow=lambda d: [pfe.transforms.AffineCoupling(
+        d, hidden_dims=(16,), mask=mask)], init_scale=1.0)
+    svi = SVI(model, guide, pyro.optim.ClippedAdam({"lr": 2e-2, "lrd": 0.1 ** (1 / steps)}),
+              Trace_ELBO(8, vectorize_particles=True))
+    for _ in range(steps):
+        svi.step()
+    return model, guide
+
+
+def test_neutra_funnel_marginal_of_v():
+    model, guide = funnel_guide(4, 600)
+    result = neutra_mcmc(model, guide, num_samples=400, warmup_steps=200, seed=1,
+                         max_tree_depth=6)
+    v = result.samples["v"]
+    assert v.shape == (400,) and result.samples["x"].shape == (400, 3)
+    assert result.latent.shape == (1, 400, 4)
+    assert scipy.stats.kstest(v.numpy(), scipy.stats.norm(0, 3).cdf).pvalue > 0.01
+    assert 2.0 < float(v.std()) < 4.0
+    assert result.idata.posterior["v"].shape == (1, 400)
+    assert result.idata.sample_stats["diverging"].shape == (1, 400)
+
+
+def test_neutra_two_chains_eight_schools():
+    schools = load_example("eight_schools")
+    guide = AutoFlowGuide(schools.model, flow=lambda d: [pfe.transforms.AffineCoupling(d)])
+    svi = SVI(schools.model, guide, pyro.optim.ClippedAdam({"lr": 1e-2}), Trace_ELBO())
+    for _ in range(100):
+        svi.step()
+    result = neutra_mcmc(schools.model, guide, num_samples=30, warmup_steps=30, num_chains=2,
+                         max_tree_depth=5)
+    assert result.samples["theta"].shape == (60, 8)
+    assert (result.samples["tau"] > 0).all()
+    assert result.idata.posterior["theta"].shape == (2, 30, 8)
+    assert all(p.requires_grad for p in guide.parameters())  # restored after sampling
+
+
+class Coin(FlowLayer):
+    """A tiny non-bijective layer: flips the sign of the event at random (Abs's inverse)."""
+
+    bijective = False
+
+    def __init__(self, dim):
+        super().__init__()
+        self.dim = dim
+
+    def call_and_ladj(self, z):
+        sign = torch.randint(0, 2, z.shape[:-1] + (1,)).to(z) * 2 - 1
+        return z * sign, torch.zeros(z.shape[:-1])
+
+    def inverse_and_ladj(self, x):
+        return x.abs(), torch.zeros(x.shape[:-1])
+
+
+def test_refuses_non_bijective_layer():
+    funnel = load_example("funnel")
+    guide = AutoFlowGuide(funnel.model, flow=lambda d: [pfe.transforms.AffineCoupling(d),
+                                                         Coin(d)])
+    guide()
+    with pytest.raises(ValueError, match=r"layer 1 \(Coin\) is not bijective"):
+        neutra_mcmc(funnel.model, guide, 10, 10)
+
+
+def test_bad_input():
+    funnel = load_example("funnel")
+    with pytest.raises(TypeError, match="AutoContinuous"):
+        neutra_mcmc(funnel.model, pyro.infer.autoguide.AutoNormal(funnel.model), 10, 10)
+    with pytest.raises(ValueError, match="num_samples"):
+        neutra_mcmc(funnel.model, AutoFlowGuide(funnel.model), 0, 10)
