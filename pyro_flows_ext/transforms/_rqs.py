@@ -13,6 +13,15 @@ interior derivatives are :math:`d_{min} + \mathrm{softplus}(r + c)` with ``c`` c
 :math:`r = 0 \Rightarrow d = 1`; the two boundary derivatives are fixed to 1, so the spline
 joins its identity tails with a continuous derivative.
 
+Fast path (what the layers use): :func:`spline_table` turns raw parameters into one
+``(..., 3, 2K)`` table per spline, rows ``[widths | left edges]``, ``[heights | bottom
+edges]``, ``[left derivatives | right derivatives]``, with a single softmax, a single
+``addmm`` (cumulative sums and the affine maps to ``[-B, B]`` are one fixed matrix) and no
+``cat``/``cumsum``/``pad`` chains; :func:`spline_forward` / :func:`spline_inverse` find the
+bin with ``searchsorted`` and read all six bin quantities with one ``gather``. The
+knot-based functions :func:`knots`, :func:`rqs_forward`, :func:`rqs_inverse` are the same
+maths on explicit ``(xs, ys, ds)``, for tests and plots.
+
 Every function here works on arbitrary leading shapes and any floating dtype/device, and
 never produces NaN: values in the tails are passed through, and the spline itself is
 evaluated on inputs clamped into ``[-B, B]`` (so far-away values such as ``1e3`` are safe,
@@ -34,53 +43,127 @@ _SHIFT = math.log(math.expm1(1.0 - MIN_DERIV))
 
 
 def num_params(count_bins):
-    """Raw parameters per spline: ``K`` widths, ``K`` heights, ``K - 1`` interior derivatives."""
+    """Raw parameters per spline: ``K`` (width, height) pairs, ``K - 1`` interior derivatives."""
     return 3 * count_bins - 1
 
 
-def knots(raw, bound, min_bin=MIN_BIN, min_deriv=MIN_DERIV):
-    r"""Knot positions and derivatives from raw parameters.
+_MAPS = {}
+
+
+def _table_map(k, bound, dtype, device, min_bin, min_deriv):
+    r"""``(M, c)`` with ``table = v @ M + c`` for ``v = [softmax pairs (2K), inner derivs (K-1)]``.
+
+    Widths :math:`w_k = 2B(m + (1 - mK) p_k)`, left edges
+    :math:`x_k = -B + 2B(mk + (1 - mK)\sum_{j<k} p_j)` (exactly ``-B`` for ``k = 0``), and the
+    derivative row ``[1, d_1..d_{K-1} | d_1..d_{K-1}, 1]``. Cached per (K, B, dtype, device).
+    """
+    key = (k, bound, dtype, device, min_bin, min_deriv)
+    if key not in _MAPS:
+        scale = 2 * bound * (1 - min_bin * k)
+        m = torch.zeros(3 * k - 1, 3, 2 * k, dtype=torch.float64)
+        c = torch.zeros(3, 2 * k, dtype=torch.float64)
+        for row in (0, 1):  # row 0: widths / x, row 1: heights / y; pairs interleaved in v
+            for j in range(k):
+                m[2 * j + row, row, j] = scale
+                m[2 * j + row, row, k + j + 1:] = scale
+            c[row, :k] = 2 * bound * min_bin
+            c[row, k:] = -bound + 2 * bound * min_bin * torch.arange(k, dtype=torch.float64)
+        for j in range(k - 1):  # interior derivative d_{j+1}
+            m[2 * k + j, 2, j + 1] = 1.0
+            m[2 * k + j, 2, k + j] = 1.0
+        c[2] = min_deriv
+        c[2, 0] = c[2, -1] = 1.0
+        _MAPS[key] = (m.flatten(1).to(dtype=dtype, device=device),
+                      c.flatten().to(dtype=dtype, device=device))
+    return _MAPS[key]
+
+
+def spline_table(raw, bound, min_bin=MIN_BIN, min_deriv=MIN_DERIV):
+    r"""The per-spline table used by :func:`spline_forward` and :func:`spline_inverse`.
 
     Args:
-        raw: ``(..., 3K - 1)``: widths ``[:K]``, heights ``[K:2K]``, derivatives ``[2K:]``.
+        raw: ``(..., 3K - 1)``: interleaved (width, height) logits ``[:2K]``, then the
+            ``K - 1`` interior derivatives ``[2K:]``.
+        bound: half-width ``B`` of the spline interval.
+    Returns:
+        ``(..., 3, 2K)``: ``[w_k | x_k]``, ``[h_k | y_k]``, ``[d_k | d_{k+1}]`` for
+        ``k = 0..K-1`` (``x_k``, ``y_k`` left/bottom edges; ``d_0 = d_K = 1``).
+    """
+    k = (raw.shape[-1] + 1) // 3
+    # softmax over the bins of a (K, 2) view: the reduced dim is not the innermost one,
+    # which is several times faster on CPU for small K than a last-dim softmax
+    pairs = torch.softmax(raw[..., :2 * k].unflatten(-1, (k, 2)), dim=-2)
+    inner = F.softplus(raw[..., 2 * k:] + _SHIFT)
+    v = torch.cat([pairs.flatten(-2), inner], dim=-1)
+    m, c = _table_map(k, float(bound), raw.dtype, raw.device, min_bin, min_deriv)
+    out = torch.addmm(c, v.reshape(-1, 3 * k - 1), m)
+    return out.view(raw.shape[:-1] + (3, 2 * k))
+
+
+def knots(raw, bound, min_bin=MIN_BIN, min_deriv=MIN_DERIV):
+    r"""Knot positions and derivatives from raw parameters (for tests and plots).
+
+    Args:
+        raw: ``(..., 3K - 1)`` as in :func:`spline_table`.
         bound: half-width ``B`` of the spline interval.
     Returns:
         ``(xs, ys, ds)``, each ``(..., K + 1)``: increasing knots from ``-B`` to ``B`` and
         positive derivatives with ``ds[..., 0] = ds[..., -1] = 1``.
     """
-    k = (raw.shape[-1] + 1) // 3
-    raw_w, raw_h, raw_d = raw[..., :k], raw[..., k:2 * k], raw[..., 2 * k:]
-    xs = _cumulative(raw_w, bound, min_bin)
-    ys = _cumulative(raw_h, bound, min_bin)
-    inner = min_deriv + F.softplus(raw_d + _SHIFT)
-    one = torch.ones_like(inner[..., :1])
-    return xs, ys, torch.cat([one, inner, one], dim=-1)
+    t = spline_table(raw, bound, min_bin, min_deriv)
+    k = t.shape[-1] // 2
+    end = torch.full_like(t[..., 0, :1], float(bound))
+    xs = torch.cat([t[..., 0, k:], end], dim=-1)
+    ys = torch.cat([t[..., 1, k:], end], dim=-1)
+    ds = torch.cat([t[..., 2, :k], t[..., 2, -1:]], dim=-1)
+    return xs, ys, ds
 
 
-def _cumulative(raw, bound, min_bin):
-    k = raw.shape[-1]
-    widths = min_bin + (1 - min_bin * k) * torch.softmax(raw, dim=-1)
-    edges = F.pad(torch.cumsum(widths, dim=-1), (1, 0))
-    edges = 2 * bound * edges - bound
-    # pin the ends exactly (cumsum round-off must not leave a gap at +-B)
-    return torch.cat([torch.full_like(edges[..., :1], -bound), edges[..., 1:-1],
-                      torch.full_like(edges[..., :1], bound)], dim=-1)
+def table_from_knots(xs, ys, ds):
+    """The ``(..., 3, 2K)`` table of :func:`spline_table` from explicit knots ``(..., K + 1)``."""
+    xs, ys, ds = torch.broadcast_tensors(xs, ys, ds)
+    rows = [torch.cat([xs.diff(dim=-1), xs[..., :-1]], -1),
+            torch.cat([ys.diff(dim=-1), ys[..., :-1]], -1),
+            torch.cat([ds[..., :-1], ds[..., 1:]], -1)]
+    return torch.stack(rows, dim=-2)
 
 
-def _gather(params, idx):
-    return params.gather(-1, idx).squeeze(-1)
+_OFFSETS = {}
 
 
-def _bin(values, edges):
-    """Index of the bin holding each value: number of interior edges <= value, ``(..., 1)``."""
-    return (values[..., None] >= edges[..., 1:-1]).sum(-1, keepdim=True)
+def _offsets(k, device):
+    key = (k, device)
+    if key not in _OFFSETS:
+        _OFFSETS[key] = torch.tensor([0, k], device=device)
+    return _OFFSETS[key]
 
 
-def _select(xs, ys, ds, idx):
-    x0, x1 = _gather(xs, idx), _gather(xs, idx + 1)
-    y0, y1 = _gather(ys, idx), _gather(ys, idx + 1)
-    d0, d1 = _gather(ds, idx), _gather(ds, idx + 1)
-    return x0, x1 - x0, y0, y1 - y0, d0, d1
+def _log_deriv(xi, xi1, t, s, d0, d1, den):
+    r""":math:`\log[s^2 (d_1\xi^2 + 2 s\xi(1-\xi) + d_0(1-\xi)^2)] - 2\log den`."""
+    inner = torch.addcmul(torch.addcmul(d1 * xi.square(), s, t, value=2), d0, xi1.square())
+    return torch.add(inner.log(), (s / den).log(), alpha=2)
+
+
+def spline_forward(x, table, bound):
+    r"""Spline value and :math:`\log|dy/dx|`, element-wise, from a :func:`spline_table`.
+
+    Args:
+        x: ``(...)`` inputs.
+        table: ``(..., 3, 2K)`` broadcastable against ``x`` (its leading dims).
+        bound: ``B``; outside ``[-B, B]`` the map is the identity with log-derivative 0.
+    Returns:
+        ``(y, logabsdet)``, both shaped like ``x``.
+    """
+    x = _broadcast(x, table)
+    xc, inside, (w, x0, h, y0, d0, d1) = _lookup(x, table, 0, bound)
+    s = h / w
+    xi = (xc - x0) / w  # in [0, 1] up to round-off (>= 0 exactly: same edges as the lookup)
+    xi1 = 1 - xi
+    t = xi * xi1
+    den = torch.addcmul(s, torch.add(d0 + d1, s, alpha=-2), t)
+    y = torch.addcdiv(y0, h * torch.addcmul(s * xi.square(), d0, t), den)
+    lad = _log_deriv(xi, xi1, t, s, d0, d1, den)
+    return torch.where(inside, y, x), torch.where(inside, lad, 0.0)
 
 
 def _clamp01(xi):
@@ -89,67 +172,65 @@ def _clamp01(xi):
     return xi - (xi - xi.clamp(0, 1)).detach()
 
 
-def _log_deriv(xi, s, d0, d1, den):
-    one_minus = 1 - xi
-    num = s.square() * (d1 * xi.square() + 2 * s * xi * one_minus + d0 * one_minus.square())
-    return torch.log(num) - 2 * torch.log(den)
-
-
-def rqs_forward(x, xs, ys, ds, bound):
-    r"""Spline value and :math:`\log|dy/dx|`, element-wise.
-
-    Args:
-        x: ``(...)`` inputs.
-        xs, ys, ds: ``(..., K + 1)`` knots and derivatives (broadcastable to ``x``).
-        bound: ``B``; outside ``[-B, B]`` the map is the identity with log-derivative 0.
-    Returns:
-        ``(y, logabsdet)``, both shaped like ``x``.
-    """
-    shape = torch.broadcast_shapes(x.shape, xs.shape[:-1])
-    x = x.expand(shape)
-    xs, ys, ds = (t.expand(shape + t.shape[-1:]) for t in (xs, ys, ds))
-    inside = (x >= -bound) & (x <= bound)
-    xc = x.clamp(-bound, bound)
-    idx = _bin(xc, xs)
-    x0, w, y0, h, d0, d1 = _select(xs, ys, ds, idx)
-    xi = _clamp01((xc - x0) / w)
-    s = h / w
-    t = xi * (1 - xi)
-    den = s + (d1 + d0 - 2 * s) * t
-    y = y0 + h * (s * xi.square() + d0 * t) / den
-    lad = _log_deriv(xi, s, d0, d1, den)
-    return torch.where(inside, y, x), torch.where(inside, lad, torch.zeros_like(lad))
-
-
-def rqs_inverse(y, xs, ys, ds, bound):
+def spline_inverse(y, table, bound):
     r"""Analytic inverse: root of the quadratic in :math:`\xi` (Durkan et al., eq. 6-8), and
     :math:`\log|dx/dy|` (minus the forward log-derivative at the root).
 
     Args:
         y: ``(...)`` outputs.
-        xs, ys, ds: ``(..., K + 1)`` as in :func:`rqs_forward`.
+        table: ``(..., 3, 2K)`` as in :func:`spline_forward`.
         bound: ``B``.
     Returns:
         ``(x, logabsdet)`` shaped like ``y``.
     """
-    shape = torch.broadcast_shapes(y.shape, xs.shape[:-1])
-    y = y.expand(shape)
-    xs, ys, ds = (t.expand(shape + t.shape[-1:]) for t in (xs, ys, ds))
-    inside = (y >= -bound) & (y <= bound)
-    yc = y.clamp(-bound, bound)
-    idx = _bin(yc, ys)
-    x0, w, y0, h, d0, d1 = _select(xs, ys, ds, idx)
+    y = _broadcast(y, table)
+    yc, inside, (w, x0, h, y0, d0, d1) = _lookup(y, table, 1, bound)
     s = h / w
     dy = yc - y0
-    delta = d1 + d0 - 2 * s
-    a = h * (s - d0) + dy * delta
-    b = h * d0 - dy * delta
-    c = -s * dy
-    disc = (b.square() - 4 * a * c).clamp_min(0)
-    # the stable root 2c / (-b - sqrt(disc)); -b - sqrt(disc) < 0 since b > 0 whenever c != 0
-    xi = _clamp01(2 * c / (-b - disc.sqrt()))
-    x = x0 + xi * w
-    t = xi * (1 - xi)
-    den = s + delta * t
-    lad = -_log_deriv(xi, s, d0, d1, den)
-    return torch.where(inside, x, y), torch.where(inside, lad, torch.zeros_like(lad))
+    dyd = dy * torch.add(d0 + d1, s, alpha=-2)
+    a = torch.addcmul(dyd, h, s - d0)
+    b = torch.addcmul(-dyd, h, d0)
+    sdy = s * dy  # -c
+    disc = torch.addcmul(b.square(), a, sdy, value=4).clamp_min(0)
+    # the stable root 2c / (-b - sqrt(disc)) = 2 s dy / (b + sqrt(disc)); b > 0 when c != 0
+    xi = _clamp01(2 * sdy / (b + disc.sqrt()))
+    x = torch.addcmul(x0, xi, w)
+    xi1 = 1 - xi
+    t = xi * xi1
+    den = torch.addcmul(s, torch.add(d0 + d1, s, alpha=-2), t)
+    lad = -_log_deriv(xi, xi1, t, s, d0, d1, den)
+    return torch.where(inside, x, y), torch.where(inside, lad, 0.0)
+
+
+def _broadcast(v, table):
+    lead = table.shape[:-2]
+    if v.shape != lead:
+        v = v.expand(torch.broadcast_shapes(v.shape, lead))
+    return v
+
+
+def _lookup(v, table, row, bound):
+    """Clamped ``v``, the in-range mask and the six bin quantities ``(w, x0, h, y0, d0, d1)``,
+    bins located (``searchsorted``, no gradient needed) on ``table[..., row, K+1:]``, the
+    interior edges (``row`` 0: forward, 1: inverse), read with one ``gather``."""
+    shape = v.shape + table.shape[-2:]
+    if table.shape != shape:
+        table = table.expand(shape)
+    k = shape[-1] // 2
+    vc = v.clamp(-bound, bound)
+    inside = vc == v
+    with torch.no_grad():
+        edges = table[..., row, k + 1:].contiguous()  # interior edges, sorted
+        idx = torch.searchsorted(edges, vc.unsqueeze(-1), right=True)
+        idx = (idx.unsqueeze(-1) + _offsets(k, idx.device)).expand(shape[:-1] + (2,))
+    return vc, inside, table.gather(-1, idx).flatten(-2).unbind(-1)
+
+
+def rqs_forward(x, xs, ys, ds, bound):
+    """:func:`spline_forward` on explicit knots ``(..., K + 1)`` (see :func:`knots`)."""
+    return spline_forward(x, table_from_knots(xs, ys, ds), bound)
+
+
+def rqs_inverse(y, xs, ys, ds, bound):
+    """:func:`spline_inverse` on explicit knots ``(..., K + 1)`` (see :func:`knots`)."""
+    return spline_inverse(y, table_from_knots(xs, ys, ds), bound)

@@ -4,7 +4,7 @@ import torch
 
 from ..core import FlowLayer, broadcast_context, check_event_size
 from ..nn import MADE
-from ._rqs import knots, num_params, rqs_forward, rqs_inverse
+from ._rqs import num_params, spline_forward, spline_inverse, spline_table
 from .coupling import soft_clamp
 
 
@@ -65,8 +65,8 @@ class MaskedAutoregressive(FlowLayer):
             if forward:
                 return u * log_scale.exp() + shift, log_scale
             return (u - shift) * torch.exp(-log_scale), -log_scale
-        spline = rqs_forward if forward else rqs_inverse
-        return spline(u, *knots(theta, self.bound), self.bound)
+        spline = spline_forward if forward else spline_inverse
+        return spline(u, spline_table(theta, self.bound), self.bound)
 
     def _one_pass(self, y, context, forward):
         theta = self._params(y, context)
