@@ -5,7 +5,8 @@ import torch
 import pyro_flows_ext as pfe
 from pyro_flows_ext.infer.density import mean_nll
 from pyro_flows_ext.transforms import RationalQuadraticSpline, SplineCoupling
-from pyro_flows_ext.transforms._rqs import knots, rqs_forward, rqs_inverse
+from pyro_flows_ext.transforms._rqs import (MIN_BIN, MIN_DERIV, knots, rqs_forward, rqs_inverse,
+                                            spline_forward, spline_inverse, spline_table)
 
 from .contract import check_bijection, perturb
 
@@ -21,6 +22,10 @@ def one_thread():
 LAYERS = {
     "rqs": (lambda: RationalQuadraticSpline(3, count_bins=5, bound=2.0), (3,)),
     "spline-coupling": (lambda: SplineCoupling(4, hidden_dims=(8,), count_bins=4), (4,)),
+    "spline-coupling-spline-on-z": (
+        lambda: SplineCoupling(4, hidden_dims=(8,), count_bins=4, inverse=True), (4,)),
+    "spline-coupling-last-half-passive": (
+        lambda: SplineCoupling(5, hidden_dims=(8,), count_bins=3, mask=[0, 0, 1, 1, 1]), (5,)),
     "spline-coupling-odd-mask": (
         lambda: SplineCoupling(5, hidden_dims=(8,), count_bins=3, mask=[1, 0, 1, 0, 0]), (5,)),
 }
@@ -139,3 +144,67 @@ def test_nsf_reaches_good_nll_on_moons():
     flow = pfe.flows.nsf(2)
     pfe.infer.fit_density(flow, train, num_steps=3000, progress=False)
     assert mean_nll(flow, test) < 1.80  # true entropy about 1.67
+
+
+def reference_knots(raw, bound):
+    """Knots straight from the definition (softmax, cumsum, softplus), independent of the
+    table/addmm construction: raw = interleaved (width, height) logits, then K - 1 derivatives."""
+    k = (raw.shape[-1] + 1) // 3
+    pairs = raw[..., :2 * k].unflatten(-1, (k, 2))
+    out = []
+    for logits in (pairs[..., 0], pairs[..., 1]):
+        w = MIN_BIN + (1 - MIN_BIN * k) * torch.softmax(logits, -1)
+        edges = torch.cat([torch.zeros_like(w[..., :1]), torch.cumsum(w, -1)], -1)
+        out.append(2 * bound * edges - bound)
+    inner = MIN_DERIV + torch.nn.functional.softplus(raw[..., 2 * k:] + _shift())
+    one = torch.ones_like(inner[..., :1])
+    return out[0], out[1], torch.cat([one, inner, one], -1)
+
+
+def _shift():
+    import math
+    return math.log(math.expm1(1.0 - MIN_DERIV))
+
+
+def test_table_matches_reference_knots_and_zero_is_identity():
+    raw = 2 * torch.randn(7, 3, 3 * 6 - 1, dtype=torch.float64)
+    for got, want in zip(knots(raw, 2.5), reference_knots(raw, 2.5)):
+        torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+    xs, ys, ds = knots(torch.zeros(3 * 5 - 1), 3.0)
+    torch.testing.assert_close(xs, torch.linspace(-3, 3, 6))
+    torch.testing.assert_close(ys, xs)
+    torch.testing.assert_close(ds, torch.ones(6))
+    # the fast path (table) and the knot path agree, both directions
+    x = 3 * torch.randn(200, 7, 3, dtype=torch.float64)
+    table = spline_table(raw, 2.5)
+    for fast, slow in ((spline_forward, rqs_forward), (spline_inverse, rqs_inverse)):
+        a, b = fast(x, table, 2.5), slow(x, *reference_knots(raw, 2.5), 2.5)
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, atol=1e-10, rtol=1e-10)
+
+
+def test_coupling_directions_are_each_others_inverse():
+    torch.manual_seed(0)
+    data_to_base = perturb(SplineCoupling(3, hidden_dims=(8,), count_bins=5)).double()
+    base_to_data = SplineCoupling(3, hidden_dims=(8,), count_bins=5, inverse=True).double()
+    base_to_data.load_state_dict(data_to_base.state_dict())
+    v = 2 * torch.randn(64, 3, dtype=torch.float64)
+    x1, l1 = data_to_base.inverse_and_ladj(v)  # the spline itself applied to v
+    x2, l2 = base_to_data.call_and_ladj(v)
+    torch.testing.assert_close(x1, x2)
+    torch.testing.assert_close(l1, l2)  # both the spline's own log-derivative
+
+
+def test_block_split_matches_index_path():
+    torch.manual_seed(0)
+    for mask in ([1, 1, 0, 0, 0], [0, 0, 1, 1, 1]):
+        layer = perturb(SplineCoupling(5, hidden_dims=(8,), count_bins=4, mask=mask)).double()
+        assert layer._blocks is not None
+        z = 2 * torch.randn(32, 5, dtype=torch.float64)
+        fast = layer.call_and_ladj(z)
+        layer._blocks = None  # general path: index + reorder
+        slow = layer.call_and_ladj(z)
+        for u, v in zip(fast, slow):
+            torch.testing.assert_close(u, v)
+        m = torch.tensor(mask, dtype=torch.bool)
+        torch.testing.assert_close(fast[0][:, m], z[:, m])  # passive part untouched
