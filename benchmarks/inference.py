@@ -1,0 +1,289 @@
+"""Flow guides vs Pyro's autoguides (and zuko), and NUTS vs NeuTra, on five posteriors.
+
+    PYTHONPATH=. python benchmarks/inference.py --quick     # ~5-8 min on one thread
+    PYTHONPATH=. python benchmarks/inference.py             # 2000 SVI steps, 500+500 NUTS
+
+SVI table: final ELBO (mean of the last 10% of steps), importance-weighted log evidence and
+PSIS k-hat from the same draws, ms per SVI step (every guide trains in interleaved rounds,
+in rotating order; median over rounds), and W1 of a key marginal against exact draws where
+they exist (funnel: v; banana: x2). MCMC table: plain NUTS vs NeuTra(AutoFlowGuide) vs
+NeuTra(AutoIAFNormal): divergences, min bulk ESS per second (sampling only, and including
+guide training), max R-hat. torch runs on one thread (OpenMP spin-waiting makes two threads
+next to a busy process 100x slower). zuko is imported here only: it switches off torch's
+argument validation process-wide. The zuko guide (``PFE_BENCH_ZUKO=1``) is opt-in: it samples
+through zuko's autoregressive NSF, whose sampling inverts D passes per draw.
+"""
+
+import argparse
+import importlib.util
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer import autoguide as ag
+from pyro.infer.autoguide import AutoContinuous
+from scipy.stats import wasserstein_distance
+
+import pyro_flows_ext as pfe
+from pyro_flows_ext import diagnostics
+from pyro_flows_ext.infer import AutoFlowGuide, neutra_mcmc
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_example(name):
+    spec = importlib.util.spec_from_file_location(
+        "ex_" + name, os.path.join(ROOT, "examples", "models", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def banana():
+    x1 = pyro.sample("x1", dist.Normal(0.0, 2.0))
+    pyro.sample("x2", dist.Normal(0.25 * x1**2, 1.0))
+
+
+def banana_exact(n, g):
+    x1 = 2.0 * torch.randn(n, generator=g)
+    return 0.25 * x1**2 + torch.randn(n, generator=g)
+
+
+def models():
+    funnel, schools, logistic = (load_example(n) for n in ("funnel", "eight_schools", "logistic"))
+    g = torch.Generator().manual_seed(123)
+    return {
+        "funnel10": (funnel.model, "v", funnel.exact_sample(20000, generator=g)["v"]),
+        "banana2": (banana, "x2", banana_exact(20000, g)),
+        "8schools-c": (schools.model, None, None),
+        "8schools-nc": (schools.model_noncentered, None, None),
+        "logistic": (logistic.model, None, None),
+    }
+
+
+class ZukoGuide(AutoContinuous):
+    """A zuko NSF over the packed latent, through pyro.contrib.zuko.ZukoToPyro."""
+
+    def __init__(self, model):
+        super().__init__(model, init_loc_fn=ag.init_to_median)
+
+    def _setup_prototype(self, *args, **kwargs):
+        super()._setup_prototype(*args, **kwargs)
+        import zuko
+
+        self.zflow = zuko.flows.NSF(self.latent_dim, transforms=3, hidden_features=(64, 64))
+
+    def get_posterior(self, *args, **kwargs):
+        from pyro.contrib.zuko import ZukoToPyro
+
+        class RealVector(ZukoToPyro):
+            support = torch.distributions.constraints.real_vector
+
+            def rsample(self, sample_shape=torch.Size()):
+                return self(sample_shape)
+
+        return RealVector(self.zflow())
+
+
+def guide_factories():
+    out = {f"flow:{name}": (lambda m, n=name: AutoFlowGuide(m, flow=n))
+           for name in sorted(pfe.flows.FLOWS) if name != "residual_flow"}
+    out.update({
+        "AutoNormal": lambda m: ag.AutoNormal(m),
+        "AutoMVN": lambda m: ag.AutoMultivariateNormal(m),
+        "AutoIAFNormal": lambda m: ag.AutoIAFNormal(m, num_transforms=2),
+        "AutoNF(spline_coupling)": lambda m: ag.AutoNormalizingFlow(
+            m, lambda d: pyro.distributions.transforms.spline_coupling(d, count_bins=8)),
+    })
+    if os.environ.get("PFE_BENCH_ZUKO"):  # opt-in: see the module docstring
+        out["zuko:NSF"] = ZukoGuide
+    return out
+
+
+def run_svi(model_items, factories, steps, rounds, diag_samples, log):
+    rows = []
+    for mname, (model, key, exact) in model_items.items():
+        runs = {}
+        pyro.clear_param_store()
+        for gname, make in factories.items():
+            pyro.set_rng_seed(0)
+            guide = make(model)
+            # distinct param-store names: guides of one class would share parameters
+            guide._pyro_name = "".join(c if c.isalnum() else "_" for c in gname)
+            svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+            runs[gname] = {"guide": guide, "svi": svi, "losses": [], "times": [], "nan": None,
+                           "params": None}
+        per_round = max(1, steps // rounds)
+        names = list(runs)
+        for r in range(rounds):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for gname in order:
+                run = runs[gname]
+                if run["nan"] is not None:
+                    continue
+                t0 = time.perf_counter()
+                try:
+                    for _ in range(per_round):
+                        loss = run["svi"].step()
+                        if not math.isfinite(loss):
+                            raise ValueError(f"loss {loss}")
+                        run["losses"].append(loss)
+                except (ValueError, RuntimeError) as e:
+                    run["nan"] = f"NaN at step {len(run['losses'])}: {str(e)[:40]}"
+                    continue
+                run["times"].append((time.perf_counter() - t0) / per_round * 1000)
+        for gname, run in runs.items():
+            row = {"model": mname, "guide": gname}
+            if run["nan"] is not None:
+                row["status"] = run["nan"]
+                rows.append(row)
+                log(row)
+                continue
+            tail = run["losses"][-max(1, len(run["losses"]) // 10):]
+            row["elbo"] = -float(np.mean(tail))
+            try:
+                est = diagnostics.log_evidence(model, run["guide"], diag_samples)
+                row.update(iw=est["log_evidence"], khat=est["khat"])
+            except Exception as e:  # noqa: BLE001
+                row["status"] = f"diagnostics failed: {str(e)[:40]}"
+            row["ms"] = float(np.median(run["times"]))
+            if key is not None:
+                with torch.no_grad():
+                    pred = pyro.infer.Predictive(model, guide=run["guide"], num_samples=5000,
+                                                 return_sites=[key])()
+                row["w1"] = wasserstein_distance(pred[key].reshape(-1).numpy(),
+                                                 exact[:5000].numpy())
+                row["w1_exact"] = wasserstein_distance(exact[5000:10000].numpy(),
+                                                       exact[:5000].numpy())
+            rows.append(row)
+            log(row)
+            run["guide"].requires_grad_(False)
+        yield mname, runs, rows
+        rows = []
+
+
+def mcmc_stats(idata, seconds, train_seconds, divergences):
+    import arviz as az
+
+    ess = az.ess(idata, method="bulk")
+    rhat = az.rhat(idata)
+    min_ess = min(float(ess[v].min()) for v in ess.data_vars)
+    max_rhat = max(float(rhat[v].max()) for v in rhat.data_vars)
+    return {"div": divergences, "ess": min_ess, "ess_s": min_ess / seconds,
+            "ess_s_total": min_ess / (seconds + train_seconds), "rhat": max_rhat,
+            "seconds": seconds}
+
+
+def plain_nuts(model, num_samples, warmup, chains, depth):
+    start, draws, div = time.perf_counter(), [], 0
+    for _ in range(chains):
+        mcmc = MCMC(NUTS(model, max_tree_depth=depth), num_samples=num_samples,
+                    warmup_steps=warmup, disable_progbar=True)
+        mcmc.run()
+        draws.append(mcmc.get_samples())
+        div += len(mcmc.diagnostics()["divergences"]["chain 0"])
+    seconds = time.perf_counter() - start
+    samples = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
+    return diagnostics.to_inference_data(samples), seconds, div
+
+
+def train(model, guide, steps):
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+    start = time.perf_counter()
+    for _ in range(steps):
+        svi.step()
+    return time.perf_counter() - start
+
+
+def fmt(x, spec=".3f"):
+    return "-" if x is None else format(x, spec) if isinstance(x, float) else str(x)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--num-samples", type=int, default=None)
+    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--chains", type=int, default=2)
+    p.add_argument("--depth", type=int, default=None, help="NUTS max tree depth")
+    p.add_argument("--only", default=None, help="comma-separated model names")
+    p.add_argument("--skip-mcmc", action="store_true")
+    p.add_argument("--skip-svi", action="store_true")
+    a = p.parse_args(argv)
+    steps = a.steps or (500 if a.quick else 2000)
+    rounds = a.rounds or (4 if a.quick else 10)
+    num_samples = a.num_samples or (200 if a.quick else 500)
+    warmup = a.warmup or (200 if a.quick else 500)
+    depth = a.depth or (8 if a.quick else 10)
+    torch.set_num_threads(1)
+    pyro.enable_validation(False)
+    items = models()
+    if a.only:
+        items = {k: v for k, v in items.items() if k in a.only.split(",")}
+    print(f"# settings: {steps} SVI steps (Adam 1e-2, 1 particle), {rounds} interleaved rounds, "
+          f"1000 draws for IW/k-hat; NUTS {chains_str(a.chains, warmup, num_samples, depth)}; "
+          f"torch threads 1")
+
+    def log(row):
+        print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
+              file=sys.stderr, flush=True)
+
+    factories = {} if a.skip_svi else guide_factories()
+    all_rows = []
+    for _, _, rows in run_svi(items if factories else {}, factories, steps, rounds, 1000, log):
+        all_rows += rows
+    print("\n## SVI\n")
+    print("| model | guide | ELBO | IW log evidence | k-hat | ms/step | W1 key marginal "
+          "(exact-vs-exact) |")
+    print("|---|---|---|---|---|---|---|")
+    for r in all_rows:
+        if "status" in r and "elbo" not in r:
+            print(f"| {r['model']} | {r['guide']} | {r['status']} | | | | |")
+            continue
+        w1 = f"{r['w1']:.3f} ({r['w1_exact']:.3f})" if "w1" in r else "-"
+        print(f"| {r['model']} | {r['guide']} | {fmt(r['elbo'])} | {fmt(r.get('iw'))} | "
+              f"{fmt(r.get('khat'), '.2f')} | {fmt(r['ms'], '.1f')} | {w1} |")
+    if a.skip_mcmc:
+        return
+    print("\n## NUTS vs NeuTra\n")
+    print("| model | method | divergences | min bulk ESS | ESS/s (sampling) | "
+          "ESS/s (incl. guide training) | max R-hat | seconds |")
+    print("|---|---|---|---|---|---|---|---|")
+    flow_name = "flow:" + ("nsf" if "nsf" in pfe.flows.FLOWS else "realnvp")
+    for mname in ("funnel10", "8schools-c"):
+        if mname not in items:
+            continue
+        model = items[mname][0]
+        results = {}
+        pyro.set_rng_seed(0)
+        idata, sec, div = plain_nuts(model, num_samples, warmup, a.chains, depth)
+        results["NUTS"] = mcmc_stats(idata, sec, 0.0, div)
+        for label, make in ((f"NeuTra({flow_name})", lambda m: AutoFlowGuide(m)),
+                            ("NeuTra(AutoIAFNormal)",
+                             lambda m: ag.AutoIAFNormal(m, num_transforms=2))):
+            pyro.set_rng_seed(0)
+            pyro.clear_param_store()
+            guide = make(model)
+            train_s = train(model, guide, steps)
+            res = neutra_mcmc(model, guide, num_samples, warmup, a.chains, seed=0,
+                              max_tree_depth=depth)
+            results[label] = mcmc_stats(res.idata, res.seconds, train_s, res.divergences)
+        for label, s in results.items():
+            print(f"| {mname} | {label} | {s['div']} | {s['ess']:.0f} | {s['ess_s']:.2f} | "
+                  f"{s['ess_s_total']:.2f} | {s['rhat']:.3f} | {s['seconds']:.0f} |", flush=True)
+
+
+def chains_str(chains, warmup, num_samples, depth):
+    return f"{chains} chains x ({warmup} warmup + {num_samples} draws), max tree depth {depth}"
+
+
+if __name__ == "__main__":
+    main()
