@@ -69,7 +69,8 @@ def _alternating_mask(dim, i):
 
 
 @register
-def nsf(dim, num_layers=4, hidden_dims=(64, 64), count_bins=8, bound=5.0, context_dim=0):
+def nsf(dim, num_layers=4, hidden_dims=(64, 64), count_bins=8, bound=5.0, context_dim=0,
+        inverse=False):
     r"""Neural Spline Flow (NSF-C, Durkan et al. 2019): ``num_layers`` rational-quadratic
     spline couplings with alternating masks (``dim == 1``: element-wise splines). Starts at
     the identity; one network pass per layer in either direction.
@@ -81,6 +82,13 @@ def nsf(dim, num_layers=4, hidden_dims=(64, 64), count_bins=8, bound=5.0, contex
         count_bins: bins per spline.
         bound: spline interval ``[-bound, bound]`` (identity tails outside).
         context_dim: context size for a conditional flow (``flow.condition(c)``).
+        inverse: ``False`` (default) applies each spline data to base, so ``log_prob`` (training)
+            uses the closed-form direction and sampling solves a quadratic; ``True`` the reverse
+            (cheaper sampling, e.g. for guides). See :class:`SplineCoupling`.
+
+    The defaults reach test NLL within 0.02 nats of the true entropy on checkerboard and
+    8gaussians in 15,000 steps (batch 512, Adam 2e-3 with cosine decay; about 2.5 CPU
+    minutes on one thread; ``benchmarks/entropy_budget.py``).
     """
     if dim == 1:
         if context_dim:
@@ -88,7 +96,8 @@ def nsf(dim, num_layers=4, hidden_dims=(64, 64), count_bins=8, bound=5.0, contex
                        count_bins=count_bins, bound=bound, context_dim=context_dim)
         return Flow(None, [RationalQuadraticSpline(1, count_bins, bound) for _ in range(num_layers)])
     layers = [SplineCoupling(dim, tuple(hidden_dims), count_bins, bound,
-                             mask=_alternating_mask(dim, i), context_dim=context_dim)
+                             mask=_alternating_mask(dim, i), context_dim=context_dim,
+                             inverse=inverse)
               for i in range(num_layers)]
     return Flow(None, layers)
 
