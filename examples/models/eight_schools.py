@@ -24,7 +24,8 @@ def model(y=Y, sigma=SIGMA):
 
 
 def model_noncentered(y=Y, sigma=SIGMA):
-    """The non-centered form: :math:`\\theta_j = \\mu + \\tau \\eta_j`, :math:`\\eta_j \\sim N(0, 1)`."""
+    """The non-centered form: :math:`\\theta_j = \\mu + \\tau \\eta_j`,
+    :math:`\\eta_j \\sim N(0, 1)`."""
     mu = pyro.sample("mu", dist.Normal(0.0, 5.0))
     tau = pyro.sample("tau", dist.HalfCauchy(5.0))
     with pyro.plate("schools", len(y)):

@@ -1,4 +1,5 @@
-"""Neal's funnel in 10 dimensions: :math:`v \\sim N(0, 3^2)`, :math:`x_i \\mid v \\sim N(0, e^{v})`,
+"""Neal's funnel in 10 dimensions:
+:math:`v \\sim N(0, 3^2)`, :math:`x_i \\mid v \\sim N(0, e^{v})`,
 ``i = 1..9``. The exact marginal of ``v`` is N(0, 3); the neck (v << 0) defeats plain HMC.
 
 Run: ``pyro-flows infer examples/models/funnel.py:model --steps 2000``.

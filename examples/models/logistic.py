@@ -1,6 +1,7 @@
 """Bayesian logistic regression on scikit-learn's breast cancer set (569 x 30, standardised).
 
-:math:`w \\sim N(0, I)`, :math:`b \\sim N(0, 5^2)`, :math:`y_n \\sim \\mathrm{Bernoulli}(\\sigma(x_n^\\top w + b))`.
+:math:`w \\sim N(0, I)`, :math:`b \\sim N(0, 5^2)`,
+:math:`y_n \\sim \\mathrm{Bernoulli}(\\sigma(x_n^\\top w + b))`.
 
 Run: ``pyro-flows infer examples/models/logistic.py:model --steps 2000``.
 """

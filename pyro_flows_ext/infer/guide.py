@@ -73,8 +73,8 @@ class LocScale(FlowLayer):
 
 
 class AutoFlowGuide(AutoContinuous):
-    r"""A flow autoguide: :math:`q(\theta) = \mathrm{Flow}(N(0, I), [f_1, \dots, f_K, \mathrm{LocScale}])`
-    over all latent sites, unconstrained and concatenated into one vector of size ``D``.
+    r"""A flow autoguide over all latent sites, unconstrained and packed into one vector of
+    size ``D``: :math:`q(\theta) = \mathrm{Flow}(N(0, I), [f_1, \dots, f_K, \mathrm{LocScale}])`.
 
     A drop-in replacement for :class:`~pyro.infer.autoguide.AutoNormal`; being an
     :class:`~pyro.infer.autoguide.AutoContinuous` it works with ``NeuTraReparam``,
