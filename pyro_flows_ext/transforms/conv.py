@@ -58,9 +58,12 @@ class InvertibleConv1x1(FlowLayer):
             return nn.functional.linear(y, w)
         return (w @ y.flatten(-2)).view_as(y)
 
-    def _ladj(self, y, logdet):
-        pixels = y.shape[-2] * y.shape[-1] if self.event_dim == 3 else 1
-        return (logdet * pixels).expand(batch_shape_of(y, self.event_dim))
+    def _ladj(self, y, logdet, sign=1):
+        if self.event_dim == 3:
+            logdet = logdet * (sign * y.shape[-2] * y.shape[-1])
+        elif sign < 0:
+            logdet = -logdet
+        return logdet.expand(batch_shape_of(y, self.event_dim))
 
     def call_and_ladj(self, z):
         w, logdet = self.weight_and_logdet()
@@ -68,4 +71,4 @@ class InvertibleConv1x1(FlowLayer):
 
     def inverse_and_ladj(self, x):
         w, logdet = self.weight_and_logdet()
-        return self._apply_matrix(torch.linalg.inv(w), x), -self._ladj(x, logdet)
+        return self._apply_matrix(torch.linalg.inv(w), x), self._ladj(x, logdet, -1)

@@ -21,6 +21,15 @@ def _pixels(x, event_dim):
     return 1 if event_dim == 1 else x.shape[-1] * x.shape[-2]
 
 
+def _scaled_sum(t, factor):
+    """``factor * t.sum()`` with the fewest operations (each one costs on small tensors)."""
+    if factor == 1:
+        return t.sum()
+    if factor == -1:
+        return -t.sum()
+    return t.sum() * factor
+
+
 class ActNorm(FlowLayer):
     r"""Per-channel affine map with data-dependent initialisation (Glow):
     :math:`x = z\, e^{\log s} + b`, :math:`\log|\det J| = H W \sum_c \log s_c`.
@@ -58,8 +67,8 @@ class ActNorm(FlowLayer):
         self.initialized.fill_(True)
         self._ready = True
 
-    def _ladj(self, y):
-        ladj = self.log_scale.sum() * _pixels(y, self.event_dim)
+    def _ladj(self, y, sign=1):
+        ladj = _scaled_sum(self.log_scale, sign * _pixels(y, self.event_dim))
         return ladj.expand(batch_shape_of(y, self.event_dim))
 
     def call_and_ladj(self, z):
@@ -73,7 +82,7 @@ class ActNorm(FlowLayer):
         if not self._ready and self.training:
             self._initialize(x)
         loc, log_scale = (_channel_view(p, self.event_dim) for p in (self.loc, self.log_scale))
-        return (x - loc) * torch.exp(-log_scale), -self._ladj(x)
+        return (x - loc) * torch.exp(-log_scale), self._ladj(x, -1)
 
 
 class InvertibleBatchNorm(FlowLayer):
@@ -119,8 +128,8 @@ class InvertibleBatchNorm(FlowLayer):
     def _log_scale(self, var):
         return self.log_gamma - 0.5 * torch.log(var + self.eps)
 
-    def _ladj(self, y, log_scale):
-        ladj = log_scale.sum() * _pixels(y, self.event_dim)
+    def _ladj(self, y, log_scale, sign=1):
+        ladj = _scaled_sum(log_scale, sign * _pixels(y, self.event_dim))
         return ladj.expand(batch_shape_of(y, self.event_dim))
 
     def call_and_ladj(self, z):
@@ -128,7 +137,7 @@ class InvertibleBatchNorm(FlowLayer):
         log_scale = self._log_scale(var)
         view = (lambda t: _channel_view(t, self.event_dim))
         x = (z - view(self.beta)) * view(torch.exp(-log_scale)) + view(mean)
-        return x, -self._ladj(z, log_scale)
+        return x, self._ladj(z, log_scale, -1)
 
     def inverse_and_ladj(self, x):
         mean, var = self._stats(x)
