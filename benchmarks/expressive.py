@@ -18,7 +18,6 @@ standardised with the training split's statistics; 80/20 split).
 """
 
 import argparse
-import math
 import statistics
 import sys
 import time
@@ -28,9 +27,9 @@ import torch
 torch.set_num_threads(1)
 
 import pyro  # noqa: E402
-import pyro.nn  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import pyro.distributions.transforms as T  # noqa: E402
+import pyro.nn  # noqa: E402
 import zuko  # noqa: E402  (benchmark only: it disables distribution validation globally)
 from torch import nn  # noqa: E402
 

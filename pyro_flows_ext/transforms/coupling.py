@@ -12,6 +12,20 @@ def soft_clamp(raw, bound):
     return bound * torch.tanh(raw / bound)
 
 
+def coupling_mask(dim, mask, name):
+    """A checked boolean ``(dim,)`` mask, True where the event passes through; default the
+    first ``dim // 2`` coordinates."""
+    if dim < 2:
+        raise ValueError(f"{name} needs dim >= 2 to split the event, got {dim}")
+    if mask is None:
+        mask = torch.arange(dim) < dim // 2
+    mask = torch.as_tensor(mask, dtype=torch.bool)
+    if mask.shape != (dim,) or mask.all() or not mask.any():
+        raise ValueError(f"mask must be a boolean tensor of shape ({dim},) with both "
+                         f"True and False entries, got {mask.tolist()}")
+    return mask
+
+
 class AffineCoupling(FlowLayer):
     r"""Affine coupling: the masked part passes through and conditions the rest.
 
@@ -32,14 +46,7 @@ class AffineCoupling(FlowLayer):
 
     def __init__(self, dim, hidden_dims=(64, 64), mask=None, clamp=5.0, context_dim=0):
         super().__init__()
-        if dim < 2:
-            raise ValueError(f"AffineCoupling needs dim >= 2 to split the event, got {dim}")
-        if mask is None:
-            mask = torch.arange(dim) < dim // 2
-        mask = torch.as_tensor(mask, dtype=torch.bool)
-        if mask.shape != (dim,) or mask.all() or not mask.any():
-            raise ValueError(f"mask must be a boolean tensor of shape ({dim},) with both "
-                             f"True and False entries, got {mask.tolist()}")
+        mask = coupling_mask(dim, mask, "AffineCoupling")
         self.dim, self.clamp, self.context_dim = dim, float(clamp), context_dim
         self.register_buffer("mask", mask)
         # Permutation putting the passed-through coordinates first; skipped when it is the

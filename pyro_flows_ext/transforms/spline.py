@@ -6,6 +6,7 @@ from torch import nn
 from ..core import FlowLayer, broadcast_context, check_event_size
 from ..nn import MLP
 from ._rqs import num_params, spline_forward, spline_inverse, spline_table
+from .coupling import coupling_mask
 
 
 class RationalQuadraticSpline(FlowLayer):
@@ -81,14 +82,7 @@ class SplineCoupling(FlowLayer):
     def __init__(self, dim, hidden_dims=(64, 64), count_bins=8, bound=3.0, mask=None,
                  context_dim=0, inverse=False):
         super().__init__()
-        if dim < 2:
-            raise ValueError(f"SplineCoupling needs dim >= 2 to split the event, got {dim}")
-        if mask is None:
-            mask = torch.arange(dim) < dim // 2
-        mask = torch.as_tensor(mask, dtype=torch.bool)
-        if mask.shape != (dim,) or mask.all() or not mask.any():
-            raise ValueError(f"mask must be a boolean tensor of shape ({dim},) with both "
-                             f"True and False entries, got {mask.tolist()}")
+        mask = coupling_mask(dim, mask, "SplineCoupling")
         self.dim, self.count_bins, self.bound = dim, count_bins, float(bound)
         self.context_dim, self.inverse = context_dim, bool(inverse)
         self.register_buffer("mask", mask)
