@@ -51,6 +51,7 @@ def cmd_fit(args):
     from .infer.density import as_data, fit_density, mean_nll
 
     torch.manual_seed(args.seed)
+    torch.set_num_threads(args.threads)
     device = _device(args.device)
     builder = flows.get_builder(args.flow)
     train, test, name = _load_data(args.data, args.n, args.seed)
@@ -287,6 +288,8 @@ def build_parser():
     fit.add_argument("--device", default="cpu")
     fit.add_argument("--out", default=None, help="output folder (default runs/<data>)")
     fit.add_argument("--resume", action="store_true", help="continue from <out>/model.pt")
+    fit.add_argument("--threads", type=int, default=1,
+                     help="torch threads (1 is fastest for small flows on shared machines)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
     fit.set_defaults(run=cmd_fit)
     sample = sub.add_parser("sample", help="draw samples from a saved flow")
