@@ -78,7 +78,7 @@ def test_affine_coupling_starts_at_identity_and_clamps_scale():
     torch.testing.assert_close(x, z)
     assert (ladj == 0).all()
     with torch.no_grad():  # a huge network output cannot push the log-scale past the clamp
-        layer.net[-1].bias.fill_(1e4)
+        layer.net.layers()[-1][1].fill_(1e4)
     _, ladj = layer.call_and_ladj(z)
     assert torch.isfinite(ladj).all() and (ladj.abs() <= 2.0 * 2 + 1e-5).all()
 

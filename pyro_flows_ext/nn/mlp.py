@@ -1,11 +1,18 @@
-"""A plain multilayer perceptron conditioner."""
+"""A plain multilayer perceptron conditioner, stored as one flat parameter tensor."""
+
+import math
 
 import torch
 from torch import nn
 
 
-class MLP(nn.Sequential):
-    r"""``in_dim -> hidden_dims -> out_dim`` with ReLU between layers.
+class MLP(nn.Module):
+    r"""``in_dim -> hidden_dims -> out_dim`` with ReLU (or ``activation``) between layers.
+
+    All weights and biases live in one flat parameter, ``self.flat``: Pyro's optimizers keep
+    one torch optimizer per parameter tensor, so a flow guide with one tensor per layer
+    instead of six trains several milliseconds per step faster; the maths is that of
+    ``nn.Linear`` layers (same default initialisation), each a view into ``flat``.
 
     Args:
         in_dim: input size.
@@ -17,29 +24,36 @@ class MLP(nn.Sequential):
     """
 
     def __init__(self, in_dim, out_dim, hidden_dims=(64, 64), activation=nn.ReLU, zero_init=True):
+        super().__init__()
         sizes = [in_dim, *hidden_dims, out_dim]
-        layers = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
-            layers.append(nn.Linear(a, b))
-            if i < len(sizes) - 2:
-                layers.append(activation())
-        super().__init__(*layers)
-        # plain lists: the modules stay registered once, by nn.Sequential
-        self._linears, self._activations = layers[0::2], layers[1::2]
-        self._relu = activation is nn.ReLU
-        if zero_init:
-            nn.init.zeros_(layers[-1].weight)
-            nn.init.zeros_(layers[-1].bias)
+        self.shapes = [(n_out, n_in) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
+        chunks = []
+        for i, (n_out, n_in) in enumerate(self.shapes):
+            bound = 1.0 / math.sqrt(n_in) if n_in else 0.0  # nn.Linear's default
+            if zero_init and i == len(self.shapes) - 1:
+                bound = 0.0
+            chunks.append(torch.empty(n_out * n_in + n_out).uniform_(-bound, bound))
+        self.flat = nn.Parameter(torch.cat(chunks))
+        self.activation = None if activation is nn.ReLU else activation()
+
+    def layers(self):
+        """``[(weight, bias), ...]``: views into ``flat`` (``weight`` is ``(out, in)``)."""
+        out, start = [], 0
+        for n_out, n_in in self.shapes:
+            weight = self.flat[start:start + n_out * n_in].view(n_out, n_in)
+            start += n_out * n_in
+            out.append((weight, self.flat[start:start + n_out]))
+            start += n_out
+        return out
 
     def forward(self, x):
         # Batch dims flattened once, addmm and in-place ReLU: at flow-conditioner sizes the
-        # per-call overhead of the modules costs ~15% of the network's time.
+        # per-call overhead is a large share of the network's time.
         batch = x.shape[:-1]
         h = x.reshape(-1, x.shape[-1])
-        last = len(self._linears) - 1
-        for i, linear in enumerate(self._linears):
-            h = torch.addmm(linear.bias, h, linear.weight.t())
-            if i < last:
-                h = h.relu_() if self._relu else self._activations[i](h)
+        layers = self.layers()
+        for i, (weight, bias) in enumerate(layers):
+            h = torch.addmm(bias, h, weight.t())
+            if i < len(layers) - 1:
+                h = h.relu_() if self.activation is None else self.activation(h)
         return h.reshape(batch + h.shape[-1:])
-
