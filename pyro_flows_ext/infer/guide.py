@@ -21,7 +21,11 @@ _MIN_SCALE = 1e-6
 # stack of unbounded affine couplings compounds Adam's first sign-like steps (lr 1e-2 took
 # the default 8-block realnvp to 1e7 after three steps); four blocks with log-scales bounded
 # by 2, no ActNorm and fixed reversals train stably.
-GUIDE_DEFAULTS = {"realnvp": {"num_layers": 4, "norm": None, "conv": False, "clamp": 2.0}}
+# A guide samples (base -> data) every step and scores its own sample from the cache, so
+# splines are applied in the generative direction (``inverse=True``): the closed-form spline
+# instead of its quadratic inverse on the hot path (about 5% per SVI step at D = 10).
+GUIDE_DEFAULTS = {"realnvp": {"num_layers": 4, "norm": None, "conv": False, "clamp": 2.0},
+                  "nsf": {"inverse": True}}
 
 
 def default_flow():
