@@ -1,9 +1,6 @@
 """Conditioner networks."""
 
+from .made import MADE
 from .mlp import MLP
 
-__all__ = ["MLP"]
-
-from .made import MADE, MaskedLinear  # noqa: E402
-
-__all__ += ["MADE", "MaskedLinear"]
+__all__ = ["MADE", "MLP"]

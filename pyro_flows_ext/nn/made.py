@@ -3,16 +3,7 @@
 import torch
 from torch import nn
 
-
-class MaskedLinear(nn.Linear):
-    """``nn.Linear`` whose weight is multiplied by a fixed 0/1 mask ``(out, in)``."""
-
-    def __init__(self, in_features, out_features, mask):
-        super().__init__(in_features, out_features)
-        self.register_buffer("mask", mask.to(self.weight.dtype))
-
-    def forward(self, x):
-        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+from .mlp import MLP
 
 
 class MADE(nn.Module):
@@ -48,22 +39,19 @@ class MADE(nn.Module):
         self.register_buffer("order", order)
         self.register_buffer("rank", rank)
         in_deg = torch.cat([rank, torch.zeros(context_dim, dtype=torch.long)])  # context: 0
-        layers, prev = [], in_deg
+        masks, prev = [], in_deg
         for h in hidden_dims:
             deg = torch.arange(h) % max(dim - 1, 1) + 1 if dim > 1 else torch.zeros(h, dtype=torch.long)
-            layers += [MaskedLinear(len(prev), h, deg[:, None] >= prev[None, :]), activation()]
+            masks.append(deg[:, None] >= prev[None, :])
             prev = deg
         out_deg = rank.repeat_interleave(params)  # output j * P + p belongs to variable j
-        self.out = MaskedLinear(len(prev), dim * params, out_deg[:, None] > prev[None, :])
-        self.hidden = nn.Sequential(*layers)
+        masks.append(out_deg[:, None] > prev[None, :])
+        self.net = MLP(len(in_deg), dim * params, tuple(hidden_dims), activation, zero_init, masks)
         # a direct context -> output path: the first variable in `order` has no hidden unit
         # it may read, but its outputs must still see the context
         self.context_out = nn.Linear(context_dim, dim * params, bias=False) if context_dim else None
-        if zero_init:
-            nn.init.zeros_(self.out.weight)
-            nn.init.zeros_(self.out.bias)
-            if self.context_out is not None:
-                nn.init.zeros_(self.context_out.weight)
+        if zero_init and self.context_out is not None:
+            nn.init.zeros_(self.context_out.weight)
 
     def forward(self, x, context=None):
         batch = x.shape[:-1]
@@ -72,7 +60,7 @@ class MADE(nn.Module):
             if context is None:
                 raise ValueError(f"MADE has context_dim={self.context_dim}: pass context=...")
             context = context.expand(batch + context.shape[-1:]).reshape(-1, self.context_dim)
-            y = self.out(self.hidden(torch.cat([x, context], dim=-1))) + self.context_out(context)
+            y = self.net(torch.cat([x, context], dim=-1)) + self.context_out(context)
         else:
-            y = self.out(self.hidden(x))
+            y = self.net(x)
         return y.reshape(batch + (self.dim, self.params))

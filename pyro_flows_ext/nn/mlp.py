@@ -20,10 +20,13 @@ class MLP(nn.Module):
         hidden_dims: sizes of the hidden layers.
         activation: activation module class.
         zero_init: zero the last layer, so a conditioner starts at the identity map.
+        masks: optional fixed 0/1 ``(out, in)`` masks, one per layer, multiplied into the
+            weights (MADE's masked layers).
     Shapes: ``(*batch, in_dim) -> (*batch, out_dim)``.
     """
 
-    def __init__(self, in_dim, out_dim, hidden_dims=(64, 64), activation=nn.ReLU, zero_init=True):
+    def __init__(self, in_dim, out_dim, hidden_dims=(64, 64), activation=nn.ReLU, zero_init=True,
+                 masks=None):
         super().__init__()
         sizes = [in_dim, *hidden_dims, out_dim]
         self.shapes = [(n_out, n_in) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
@@ -35,6 +38,11 @@ class MLP(nn.Module):
             chunks.append(torch.empty(n_out * n_in + n_out).uniform_(-bound, bound))
         self.flat = nn.Parameter(torch.cat(chunks))
         self.activation = None if activation is nn.ReLU else activation()
+        self.masked = masks is not None
+        for i, mask in enumerate(masks or ()):
+            if tuple(mask.shape) != self.shapes[i]:
+                raise ValueError(f"mask {i} must have shape {self.shapes[i]}, got {tuple(mask.shape)}")
+            self.register_buffer(f"mask_{i}", mask.to(self.flat.dtype))
 
     def layers(self):
         """``[(weight, bias), ...]``: views into ``flat`` (``weight`` is ``(out, in)``)."""
@@ -53,6 +61,8 @@ class MLP(nn.Module):
         h = x.reshape(-1, x.shape[-1])
         layers = self.layers()
         for i, (weight, bias) in enumerate(layers):
+            if self.masked:
+                weight = weight * getattr(self, f"mask_{i}")
             h = torch.addmm(bias, h, weight.t())
             if i < len(layers) - 1:
                 h = h.relu_() if self.activation is None else self.activation(h)
