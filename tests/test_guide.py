@@ -14,15 +14,6 @@ from pyro_flows_ext.infer import AutoFlowGuide
 from pyro_flows_ext.infer.guide import LocScale
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: with two, a busy neighbour makes OpenMP spin-wait (4x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_regression(n=20, d=3, noise=0.5, prior=1.0, dtype=torch.float64):
     g = torch.Generator().manual_seed(1)
     x = torch.randn(n, d, generator=g, dtype=dtype)

@@ -24,14 +24,6 @@ def load_example(name):
     return module
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def funnel_guide(dim, steps):
     """A coupling that lets v scale x: the exact funnel map is in its family."""
     funnel = load_example("funnel")
