@@ -150,7 +150,9 @@ class ResidualBlock(FlowLayer):
         weights, derivs = parts
         jac = weights[0]
         for w, d in zip(weights[1:], derivs):
-            jac = w @ (d[..., :, None] * jac)
+            # (X^T W^T)^T rather than W X: a 2-D right operand folds the batch into one GEMM,
+            # where a broadcast W @ X runs one small bmm per point (6x slower at N = 10^4)
+            jac = ((d[..., :, None] * jac).transpose(-1, -2) @ w.T).transpose(-1, -2)
         return jac  # (*batch, D, D)
 
     @staticmethod
