@@ -250,8 +250,3 @@ class ConditionedLayer(FlowLayer):
 
     def inverse_and_ladj(self, x):
         return self.layer.inverse_and_ladj(x, context=self.context)
-
-    def _ladj_of_unseen_pair(self, z, x):
-        if self.bijective:
-            return self.call_and_ladj(z)[1]
-        return super()._ladj_of_unseen_pair(z, x)

@@ -28,16 +28,11 @@ def _autocontinuous_log_weights(model, guide, num_samples, args, kwargs):
     """One batched pass through the guide's posterior, then one model trace per draw."""
     from torch.distributions import biject_to
 
-    from .distributions import Flow
-
     if guide.prototype_trace is None:
         guide(*args, **kwargs)
     posterior = guide.get_posterior(*args, **kwargs)
-    if isinstance(posterior, Flow):
-        latent, log_q = posterior.sample_and_log_prob((num_samples,))
-    else:
-        latent = posterior.sample((num_samples,))
-        log_q = posterior.log_prob(latent)
+    latent = posterior.sample((num_samples,))
+    log_q = posterior.log_prob(latent)  # a flow scores its own sample from the layer caches
     out = []
     for s in range(num_samples):
         values, log_q_s = {}, log_q[s]

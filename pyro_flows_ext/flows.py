@@ -4,8 +4,17 @@
 import torch
 
 from .distributions import Flow
-from .transforms import ActNorm, AffineCoupling, InvertibleBatchNorm, InvertibleConv1x1, Reverse
-from .transforms import MaskedAutoregressive, RationalQuadraticSpline, ResidualBlock, SplineCoupling
+from .transforms import (
+    ActNorm,
+    AffineCoupling,
+    InvertibleBatchNorm,
+    InvertibleConv1x1,
+    MaskedAutoregressive,
+    RationalQuadraticSpline,
+    ResidualBlock,
+    Reverse,
+    SplineCoupling,
+)
 
 FLOWS = {}
 

@@ -57,9 +57,7 @@ def check_deterministic(guide):
         raise ValueError(f"{type(guide).__name__} has no get_transform(), which NeuTra "
                          "needs") from e
     for i, t in enumerate(_flatten(transform)):
-        deterministic = getattr(t, "bijective", True) and not getattr(t, "stochastic_forward",
-                                                                        False)
-        if not deterministic or getattr(t, "exact", True) is False:
+        if not getattr(t, "bijective", True):  # surjections and MCMC layers are not
             raise ValueError(
                 f"neutra_mcmc needs a guide made of deterministic bijections, but layer {i} "
                 f"({type(t).__name__}) is not bijective (a surjection or stochastic layer); "

@@ -2,7 +2,7 @@
 
 import torch
 
-from ..core import FlowLayer, broadcast_context, check_event_size
+from ..core import FlowLayer, check_event_size
 from ..nn import MADE
 from ._rqs import num_params, spline_forward, spline_inverse, spline_table
 from .coupling import soft_clamp
@@ -53,9 +53,7 @@ class MaskedAutoregressive(FlowLayer):
         self.made = MADE(dim, params, tuple(hidden_dims), context_dim=context_dim, order=order)
 
     def _params(self, y, context):
-        if self.context_dim:
-            return self.made(y, broadcast_context(context, y))
-        return self.made(y)
+        return self.made(y, context)  # MADE broadcasts the context to y's batch shape
 
     def _tau(self, u, theta, forward):
         """Element map ``u -> tau(u)`` (or its inverse) and the log-derivative of the map

@@ -30,7 +30,19 @@ def _scaled_sum(t, factor):
     return t.sum() * factor
 
 
-class ActNorm(FlowLayer):
+class _PerChannel(FlowLayer):
+    """Shared helpers of the per-channel affine layers below."""
+
+    def _view(self, t):
+        return _channel_view(t, self.event_dim)
+
+    def _ladj(self, y, log_scale, sign=1):
+        """``sign * pixels * sum(log_scale)``, expanded to the batch shape of ``y``."""
+        ladj = _scaled_sum(log_scale, sign * _pixels(y, self.event_dim))
+        return ladj.expand(batch_shape_of(y, self.event_dim))
+
+
+class ActNorm(_PerChannel):
     r"""Per-channel affine map with data-dependent initialisation (Glow):
     :math:`x = z\, e^{\log s} + b`, :math:`\log|\det J| = H W \sum_c \log s_c`.
 
@@ -67,25 +79,21 @@ class ActNorm(FlowLayer):
         self.initialized.fill_(True)
         self._ready = True
 
-    def _ladj(self, y, sign=1):
-        ladj = _scaled_sum(self.log_scale, sign * _pixels(y, self.event_dim))
-        return ladj.expand(batch_shape_of(y, self.event_dim))
-
     def call_and_ladj(self, z):
         if not self._ready:  # generative use first (a guide): start at the identity
             self.initialized.fill_(True)
             self._ready = True
-        loc, log_scale = (_channel_view(p, self.event_dim) for p in (self.loc, self.log_scale))
-        return z * log_scale.exp() + loc, self._ladj(z)
+        return (z * self._view(self.log_scale).exp() + self._view(self.loc),
+                self._ladj(z, self.log_scale))
 
     def inverse_and_ladj(self, x):
         if not self._ready and self.training:
             self._initialize(x)
-        loc, log_scale = (_channel_view(p, self.event_dim) for p in (self.loc, self.log_scale))
-        return (x - loc) * torch.exp(-log_scale), self._ladj(x, -1)
+        z = (x - self._view(self.loc)) * torch.exp(-self._view(self.log_scale))
+        return z, self._ladj(x, self.log_scale, -1)
 
 
-class InvertibleBatchNorm(FlowLayer):
+class InvertibleBatchNorm(_PerChannel):
     r"""Batch normalisation as a bijection (RealNVP):
     :math:`z = (x - \mu) / \sqrt{\sigma^2 + \epsilon}\; e^{\gamma} + \beta`,
     :math:`\log|\det \partial z/\partial x| = \sum_c \gamma_c - \tfrac12 \log(\sigma_c^2 + \epsilon)`.
@@ -128,21 +136,17 @@ class InvertibleBatchNorm(FlowLayer):
     def _log_scale(self, var):
         return self.log_gamma - 0.5 * torch.log(var + self.eps)
 
-    def _ladj(self, y, log_scale, sign=1):
-        ladj = _scaled_sum(log_scale, sign * _pixels(y, self.event_dim))
-        return ladj.expand(batch_shape_of(y, self.event_dim))
-
     def call_and_ladj(self, z):
         mean, var = self._stats()
         log_scale = self._log_scale(var)
-        view = (lambda t: _channel_view(t, self.event_dim))
+        view = self._view
         x = (z - view(self.beta)) * view(torch.exp(-log_scale)) + view(mean)
         return x, self._ladj(z, log_scale, -1)
 
     def inverse_and_ladj(self, x):
         mean, var = self._stats(x)
         log_scale = self._log_scale(var)
-        view = (lambda t: _channel_view(t, self.event_dim))
+        view = self._view
         z = (x - view(mean)) * view(log_scale.exp()) + view(self.beta)
         return z, self._ladj(x, log_scale)
 

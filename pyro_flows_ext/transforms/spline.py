@@ -3,10 +3,10 @@
 import torch
 from torch import nn
 
-from ..core import FlowLayer, broadcast_context, check_event_size
+from ..core import FlowLayer, check_event_size
 from ..nn import MLP
 from ._rqs import num_params, spline_forward, spline_inverse, spline_table
-from .coupling import coupling_mask
+from .coupling import Coupling
 
 
 class RationalQuadraticSpline(FlowLayer):
@@ -41,18 +41,7 @@ class RationalQuadraticSpline(FlowLayer):
         return z, lad.sum(-1)
 
 
-def _block_split(mask):
-    """``(a_first, n_first)`` when the passive part ``a`` and the transformed part ``b`` are
-    each one contiguous block (so the layer can ``split``/``cat`` instead of indexing), else
-    ``None``."""
-    m = mask.tolist()
-    n = m.index(not m[0])
-    if all(v == m[0] for v in m[:n]) and all(v != m[0] for v in m[n:]):
-        return m[0], n
-    return None
-
-
-class SplineCoupling(FlowLayer):
+class SplineCoupling(Coupling):
     r"""Rational-quadratic spline coupling (NSF-C): the masked part conditions a spline on
     the rest.
 
@@ -81,42 +70,18 @@ class SplineCoupling(FlowLayer):
 
     def __init__(self, dim, hidden_dims=(64, 64), count_bins=8, bound=3.0, mask=None,
                  context_dim=0, inverse=False):
-        super().__init__()
-        mask = coupling_mask(dim, mask, "SplineCoupling")
-        self.dim, self.count_bins, self.bound = dim, count_bins, float(bound)
-        self.context_dim, self.inverse = context_dim, bool(inverse)
-        self.register_buffer("mask", mask)
-        self.register_buffer("idx_a", mask.nonzero().flatten())
-        self.register_buffer("idx_b", (~mask).nonzero().flatten())
-        self.register_buffer("unorder", torch.argsort(torch.cat([self.idx_a, self.idx_b])))
-        self._blocks = _block_split(mask)
-        self._nb = dim - int(mask.sum())
+        super().__init__(dim, mask, context_dim)
+        self.count_bins, self.bound, self.inverse = count_bins, float(bound), bool(inverse)
+        self._nb = dim - self.num_passive
         self._np = num_params(count_bins)
         # round the conditioner's output up to a multiple of 8: CPU matmuls with an odd
         # output width (e.g. 23) run ~1.7x slower; the spare outputs start (and stay) at zero
         n_out = self._nb * self._np
-        self.net = MLP(int(mask.sum()) + context_dim, -(-n_out // 8) * 8, tuple(hidden_dims))
-
-    def _split(self, y):
-        if self._blocks is None:
-            return y[..., self.idx_a], y[..., self.idx_b]
-        a_first, n = self._blocks
-        first, second = y.split([n, self.dim - n], dim=-1)
-        return (first, second) if a_first else (second, first)
-
-    def _join(self, y_a, out_b):
-        if self._blocks is None:
-            return torch.cat([y_a, out_b], dim=-1)[..., self.unorder]
-        return torch.cat([y_a, out_b] if self._blocks[0] else [out_b, y_a], dim=-1)
+        self.net = MLP(self.num_passive + context_dim, -(-n_out // 8) * 8, tuple(hidden_dims))
 
     def _transform(self, y, context, spline):
-        check_event_size(y, self.dim, "SplineCoupling")
-        self._require_context(context)
-        y_a, y_b = self._split(y)
-        h = y_a
-        if self.context_dim:
-            h = torch.cat([y_a, broadcast_context(context, y_a)], dim=-1)
-        raw = self.net(h)[..., :self._nb * self._np].unflatten(-1, (self._nb, self._np))
+        y_a, y_b, features = self._split(y, context)
+        raw = self.net(features)[..., :self._nb * self._np].unflatten(-1, (self._nb, self._np))
         out_b, lad = spline(y_b, spline_table(raw, self.bound), self.bound)
         return self._join(y_a, out_b), lad.sum(-1)
 
