@@ -37,14 +37,12 @@ import pyro  # noqa: E402
 import pyro.distributions as dist  # noqa: E402
 import pyro.distributions.transforms as T  # noqa: E402
 import zuko  # noqa: E402  (benchmark only: it disables distribution validation globally)
+from _common import CLOCK, Peer, rate, test_nll, train  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pyro_flows_ext as pfe  # noqa: E402
 
 BATCH, BIG, BLOCK = 512, 10_000, 50
-# CPU time of this thread: unlike wall time it does not count time spent descheduled while
-# other processes share the cores (it still counts cache and memory-bandwidth contention).
-CLOCK = time.thread_time
 N_TRAIN, N_TEST = 20_000, 5_000
 
 
@@ -65,14 +63,6 @@ def moons_entropy(n=10_000, grid=2_000, seed=123):
 
 
 # -- the three peers: each is (modules for .parameters()/.train()/.eval(), log_prob, sample) --
-
-class Peer:
-    def __init__(self, name, module, log_prob, sample):
-        self.name, self.module, self.log_prob, self.sample = name, module, log_prob, sample
-
-    def num_params(self):
-        return sum(p.numel() for p in self.module.parameters())
-
 
 def make_ours():
     flow = pfe.flows.realnvp(2)
@@ -119,22 +109,8 @@ def build(maker, seed=0):
 
 # -- measurements ----------------------------------------------------------------------------
 
-def train(peer, data, steps, gen):
-    """``steps`` Adam steps on minibatches drawn with ``gen``; returns the last loss."""
-    peer.module.train()
-    for _ in range(steps):
-        batch = data[torch.randint(0, len(data), (BATCH,), generator=gen)]
-        loss = -peer.log_prob(batch).mean()
-        peer.opt.zero_grad()
-        loss.backward()
-        peer.opt.step()
-    return loss.item()
-
-
 def time_train(peer, data, gen):
-    start = CLOCK()
-    train(peer, data, BLOCK, gen)
-    return BLOCK / (CLOCK() - start)
+    return rate(lambda: train(peer, data, BLOCK, gen, BATCH), BLOCK)
 
 
 @torch.no_grad()
@@ -146,9 +122,9 @@ def time_log_prob(peer, x, reps=5):
     start = CLOCK()
     for xi in xs:
         lp = peer.log_prob(xi)
-    rate = reps * len(x) / (CLOCK() - start)
+    speed = reps * len(x) / (CLOCK() - start)
     peer.finite_lp = getattr(peer, "finite_lp", True) and bool(torch.isfinite(lp).all())
-    return rate
+    return speed
 
 
 @torch.no_grad()
@@ -157,9 +133,9 @@ def time_sample(peer, reps=5):
     start = CLOCK()
     for _ in range(reps):
         x = peer.sample(BIG)
-    rate = reps * BIG / (CLOCK() - start)
+    speed = reps * BIG / (CLOCK() - start)
     peer.finite_x = getattr(peer, "finite_x", True) and bool(torch.isfinite(x).all())
-    return rate
+    return speed
 
 
 def speed_rounds(rounds, data):
@@ -182,12 +158,6 @@ def speed_rounds(rounds, data):
             res["sample"].append(time_sample(peer))
     medians = {name: {k: statistics.median(v) for k, v in res.items()} for name, res in results.items()}
     return peers, medians
-
-
-@torch.no_grad()
-def test_nll(peer, test):
-    peer.module.eval()
-    return -peer.log_prob(test).mean().item()
 
 
 def nll_runs(steps, names=("moons", "checkerboard")):

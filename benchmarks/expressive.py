@@ -31,6 +31,7 @@ import pyro.distributions as dist  # noqa: E402
 import pyro.distributions.transforms as T  # noqa: E402
 import pyro.nn  # noqa: E402
 import zuko  # noqa: E402  (benchmark only: it disables distribution validation globally)
+from _common import Peer, rate, test_nll, train  # noqa: E402
 from torch import nn  # noqa: E402
 
 import pyro_flows_ext as pfe  # noqa: E402
@@ -41,15 +42,6 @@ except Exception:  # pragma: no cover
     nf = None
 
 BATCH, BIG, BLOCK = 512, 10_000, 20
-CLOCK = time.thread_time
-
-
-class Peer:
-    def __init__(self, name, module, log_prob, sample):
-        self.name, self.module, self.log_prob, self.sample = name, module, log_prob, sample
-
-    def num_params(self):
-        return sum(p.numel() for p in self.module.parameters())
 
 
 def ours(builder, **kw):
@@ -119,23 +111,6 @@ def build(maker, dim, seed=0):
     return peer
 
 
-def train(peer, data, steps, gen, batch=BATCH):
-    peer.module.train()
-    for _ in range(steps):
-        x = data[torch.randint(0, len(data), (batch,), generator=gen)]
-        loss = -peer.log_prob(x).mean()
-        peer.opt.zero_grad()
-        loss.backward()
-        peer.opt.step()
-    return loss.item()
-
-
-def rate(fn, n):
-    start = CLOCK()
-    fn()
-    return n / max(CLOCK() - start, 1e-9)
-
-
 def speed(group, rounds, data):
     peers = [build(m, 2) for m in GROUPS[group]]
     gens = [torch.Generator().manual_seed(0) for _ in peers]
@@ -164,12 +139,6 @@ def breast_cancer():
     tr, te = x[perm[:n]], x[perm[n:]]
     mean, std = tr.mean(0), tr.std(0)
     return (tr - mean) / std, (te - mean) / std
-
-
-def test_nll(peer, test):
-    peer.module.eval()
-    with torch.no_grad():
-        return -peer.log_prob(test).mean().item()
 
 
 def nll_table(group, steps, bc_steps):
