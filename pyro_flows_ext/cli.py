@@ -192,7 +192,7 @@ def cmd_infer(args):
     os.makedirs(out, exist_ok=True)
 
     guide = AutoFlowGuide(model, flow=args.flow)
-    optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1 / args.steps)})
+    optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1 / args.steps), "clip_norm": 1.0})
     svi = pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
     losses = []
     bar = tqdm(range(args.steps), desc="SVI", disable=args.quiet, mininterval=0.5)
@@ -272,6 +272,7 @@ def _plot_inference(idata, out):
 
 def build_parser():
     from .flows import FLOWS
+    from .infer.guide import default_flow
 
     parser = argparse.ArgumentParser(prog="pyro-flows", description="Normalizing flows for Pyro.",
                                      epilog=EPILOG)
@@ -300,7 +301,7 @@ def build_parser():
     sample.set_defaults(run=cmd_sample)
     infer = sub.add_parser("infer", help="SVI with a flow guide on a Pyro model, optional NeuTra")
     infer.add_argument("model", help="path/to/model.py:function (a model taking no arguments)")
-    infer.add_argument("--flow", default="nsf" if "nsf" in FLOWS else "realnvp",
+    infer.add_argument("--flow", default=default_flow(),
                        help=f"guide flow, one of: {', '.join(sorted(FLOWS))}")
     infer.add_argument("--steps", type=int, default=2000)
     infer.add_argument("--lr", type=float, default=1e-2)

@@ -36,6 +36,9 @@ class FlowLayer(TransformModule, ConditionalTransform):
             (``False`` for layers whose contribution is a stochastic bound).
         event_dim: number of rightmost dimensions forming one event (1 for vectors,
             3 for ``(C, H, W)`` images).
+        fast_inverse: whether ``inverse_and_ladj`` costs about one pass (False for layers
+            that invert by ``D`` passes or by iteration); guides use it to decide whether
+            scoring with detached parameters (sticking-the-landing gradients) is cheap.
 
     Conditional layers (``context_dim > 0``) take ``context=`` in ``call_and_ladj`` and
     ``inverse_and_ladj``; ``layer.condition(c)`` returns a :class:`ConditionedLayer` view that
@@ -51,6 +54,7 @@ class FlowLayer(TransformModule, ConditionalTransform):
     exact = True
     event_dim = 1
     context_dim = 0
+    fast_inverse = True
 
     def __init__(self):
         super().__init__(cache_size=1)
@@ -226,6 +230,7 @@ class ConditionedLayer(FlowLayer):
         super().__init__()
         self.layer, self.context = layer, context
         self.bijective, self.exact, self.event_dim = layer.bijective, layer.exact, layer.event_dim
+        self.fast_inverse = layer.fast_inverse
         self.dim = getattr(layer, "dim", None)
 
     @constraints.dependent_property(is_discrete=False)
