@@ -94,6 +94,9 @@ class ZukoGuide(AutoContinuous):
 def guide_factories():
     out = {f"flow:{name}": (lambda m, n=name: AutoFlowGuide(m, flow=n))
            for name in sorted(pfe.flows.FLOWS) if name != "residual_flow"}
+    # ablation: the default guide without the site-order couplings and without STL
+    out["flow:realnvp (no site couplings, no STL)"] = lambda m: AutoFlowGuide(
+        m, flow="realnvp", structured=False, stl=False)
     out.update({
         "AutoNormal": lambda m: ag.AutoNormal(m),
         "AutoMVN": lambda m: ag.AutoMultivariateNormal(m),
@@ -106,7 +109,11 @@ def guide_factories():
     return out
 
 
-def run_svi(model_items, factories, steps, rounds, diag_samples, log):
+OPTIMIZERS = {"adam": lambda: pyro.optim.Adam({"lr": 1e-2}),
+              "clipped": lambda: pyro.optim.ClippedAdam({"lr": 1e-2, "clip_norm": 1.0})}
+
+
+def run_svi(model_items, factories, steps, rounds, diag_samples, log, optim="adam"):
     rows = []
     for mname, (model, key, exact) in model_items.items():
         runs = {}
@@ -116,7 +123,7 @@ def run_svi(model_items, factories, steps, rounds, diag_samples, log):
             guide = make(model)
             # distinct param-store names: guides of one class would share parameters
             guide._pyro_name = "".join(c if c.isalnum() else "_" for c in gname)
-            svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+            svi = SVI(model, guide, OPTIMIZERS[optim](), Trace_ELBO())
             runs[gname] = {"guide": guide, "svi": svi, "losses": [], "times": [], "nan": None,
                            "params": None}
         per_round = max(1, steps // rounds)
@@ -139,7 +146,7 @@ def run_svi(model_items, factories, steps, rounds, diag_samples, log):
                     continue
                 run["times"].append((time.perf_counter() - t0) / per_round * 1000)
         for gname, run in runs.items():
-            row = {"model": mname, "guide": gname}
+            row = {"model": mname, "guide": gname, "optim": optim}
             if run["nan"] is not None:
                 row["status"] = run["nan"]
                 rows.append(row)
@@ -193,8 +200,8 @@ def plain_nuts(model, num_samples, warmup, chains, depth):
     return diagnostics.to_inference_data(samples), seconds, div
 
 
-def train(model, guide, steps):
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+def train(model, guide, steps, optim):
+    svi = SVI(model, guide, OPTIMIZERS[optim](), Trace_ELBO())
     start = time.perf_counter()
     for _ in range(steps):
         svi.step()
@@ -217,6 +224,9 @@ def main(argv=None):
     p.add_argument("--only", default=None, help="comma-separated model names")
     p.add_argument("--skip-mcmc", action="store_true")
     p.add_argument("--skip-svi", action="store_true")
+    p.add_argument("--optim", default="adam,clipped",
+                   help="SVI optimizers, comma-separated: adam (Adam 1e-2) and/or clipped "
+                        "(ClippedAdam 1e-2, clip_norm 1); NeuTra guides train with the last")
     a = p.parse_args(argv)
     steps = a.steps or (500 if a.quick else 2000)
     rounds = a.rounds or (4 if a.quick else 10)
@@ -228,7 +238,11 @@ def main(argv=None):
     items = models()
     if a.only:
         items = {k: v for k, v in items.items() if k in a.only.split(",")}
-    print(f"# settings: {steps} SVI steps (Adam 1e-2, 1 particle), {rounds} interleaved rounds, "
+    optims = a.optim.split(",")
+    if not set(optims) <= set(OPTIMIZERS):
+        p.error(f"--optim must name {sorted(OPTIMIZERS)}")
+    print(f"# settings: {steps} SVI steps ({', '.join(optims)}, lr 1e-2, 1 particle), "
+          f"{rounds} interleaved rounds, "
           f"1000 draws for IW/k-hat; NUTS {chains_str(a.chains, warmup, num_samples, depth)}; "
           f"torch threads 1")
 
@@ -238,18 +252,21 @@ def main(argv=None):
 
     factories = {} if a.skip_svi else guide_factories()
     all_rows = []
-    for _, _, rows in run_svi(items if factories else {}, factories, steps, rounds, 1000, log):
-        all_rows += rows
+    for optim in optims:
+        for _, _, rows in run_svi(items if factories else {}, factories, steps, rounds, 1000,
+                                  log, optim):
+            all_rows += rows
     print("\n## SVI\n")
-    print("| model | guide | ELBO | IW log evidence | k-hat | ms/step | W1 key marginal "
+    print("| model | guide | optim | ELBO | IW log evidence | k-hat | ms/step | W1 key marginal "
           "(exact-vs-exact) |")
-    print("|---|---|---|---|---|---|---|")
-    for r in all_rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for r in sorted(all_rows, key=lambda r: r["model"]):
         if "status" in r and "elbo" not in r:
-            print(f"| {r['model']} | {r['guide']} | {r['status']} | | | | |")
+            print(f"| {r['model']} | {r['guide']} | {r['optim']} | {r['status']} | | | | |")
             continue
         w1 = f"{r['w1']:.3f} ({r['w1_exact']:.3f})" if "w1" in r else "-"
-        print(f"| {r['model']} | {r['guide']} | {fmt(r['elbo'])} | {fmt(r.get('iw'))} | "
+        print(f"| {r['model']} | {r['guide']} | {r['optim']} | {fmt(r['elbo'])} | "
+              f"{fmt(r.get('iw'))} | "
               f"{fmt(r.get('khat'), '.2f')} | {fmt(r['ms'], '.1f')} | {w1} |")
     if a.skip_mcmc:
         return
@@ -257,7 +274,7 @@ def main(argv=None):
     print("| model | method | divergences | min bulk ESS | ESS/s (sampling) | "
           "ESS/s (incl. guide training) | max R-hat | seconds |")
     print("|---|---|---|---|---|---|---|---|")
-    flow_name = "flow:" + ("nsf" if "nsf" in pfe.flows.FLOWS else "realnvp")
+    flow_name = "flow:" + pfe.infer.guide.default_flow()
     for mname in ("funnel10", "8schools-c"):
         if mname not in items:
             continue
@@ -272,7 +289,7 @@ def main(argv=None):
             pyro.set_rng_seed(0)
             pyro.clear_param_store()
             guide = make(model)
-            train_s = train(model, guide, steps)
+            train_s = train(model, guide, steps, optims[-1])
             res = neutra_mcmc(model, guide, num_samples, warmup, a.chains, seed=0,
                               max_tree_depth=depth)
             results[label] = mcmc_stats(res.idata, res.seconds, train_s, res.divergences)

@@ -192,7 +192,8 @@ def cmd_infer(args):
     os.makedirs(out, exist_ok=True)
 
     guide = AutoFlowGuide(model, flow=args.flow)
-    optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1 / args.steps), "clip_norm": 1.0})
+    optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1 / args.steps),
+                                    "clip_norm": 1.0})
     svi = pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
     losses = []
     bar = tqdm(range(args.steps), desc="SVI", disable=args.quiet, mininterval=0.5)

@@ -160,7 +160,8 @@ def gaussian_model(loc, scale):
 def loss_grads(model, guide, particles=1):
     for p in guide.parameters():
         p.grad = None
-    loss = Trace_ELBO(particles, vectorize_particles=particles > 1).differentiable_loss(model, guide)
+    elbo = Trace_ELBO(particles, vectorize_particles=particles > 1)
+    loss = elbo.differentiable_loss(model, guide)
     loss.backward()
     return torch.cat([p.grad.flatten() for p in guide.parameters()])
 

@@ -15,7 +15,12 @@ from torch.distributions.transforms import ComposeTransform
 
 from ..core import FlowLayer
 from ..distributions import Flow
-from ..transforms import AffineCoupling, MaskedAutoregressive, RationalQuadraticSpline, SplineCoupling
+from ..transforms import (
+    AffineCoupling,
+    MaskedAutoregressive,
+    RationalQuadraticSpline,
+    SplineCoupling,
+)
 
 __all__ = ["AutoFlowGuide", "LocScale", "default_flow"]
 
@@ -108,8 +113,8 @@ class SticksTheLanding(TorchDistribution):
     def expand(self, batch_shape, _instance=None):
         return SticksTheLanding(self.flow.expand(batch_shape))
 
-    def rsample(self, sample_shape=torch.Size()):
-        return self.flow.rsample(sample_shape)
+    def rsample(self, sample_shape=()):
+        return self.flow.rsample(torch.Size(sample_shape))
 
     def log_prob(self, value):
         log_q = self.flow.log_prob(value)  # the sample's cached pairs: value, total derivative

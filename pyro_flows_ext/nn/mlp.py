@@ -45,14 +45,12 @@ class MLP(nn.Module):
             self.register_buffer(f"mask_{i}", mask.to(self.flat.dtype))
 
     def layers(self):
-        """``[(weight, bias), ...]``: views into ``flat`` (``weight`` is ``(out, in)``)."""
-        out, start = [], 0
-        for n_out, n_in in self.shapes:
-            weight = self.flat[start:start + n_out * n_in].view(n_out, n_in)
-            start += n_out * n_in
-            out.append((weight, self.flat[start:start + n_out]))
-            start += n_out
-        return out
+        """``[(weight, bias), ...]``: views into ``flat`` (``weight`` is ``(out, in)``).
+        One ``split`` rather than a slice per tensor: its backward is one ``cat``, where each
+        slice's backward zero-fills a ``flat``-sized gradient (a fifth of a small guide's
+        step)."""
+        parts = self.flat.split([n for n_out, n_in in self.shapes for n in (n_out * n_in, n_out)])
+        return [(parts[2 * i].view(shape), parts[2 * i + 1]) for i, shape in enumerate(self.shapes)]
 
     def forward(self, x):
         # Batch dims flattened once, addmm and in-place ReLU: at flow-conditioner sizes the
