@@ -92,8 +92,11 @@ class ZukoGuide(AutoContinuous):
 
 
 def guide_factories():
+    # maf samples with D passes per layer (use iaf for guides); residual flows sample by
+    # fixed-point iteration
     out = {f"flow:{name}": (lambda m, n=name: AutoFlowGuide(m, flow=n))
-           for name in sorted(pfe.flows.FLOWS) if name != "residual_flow"}
+           for name in sorted(pfe.flows.FLOWS) if name not in ("residual_flow", "maf")}
+    out["flow:() site couplings only"] = lambda m: AutoFlowGuide(m, flow=())
     # ablation: the default guide without the site-order couplings and without STL
     out["flow:realnvp (no site couplings, no STL)"] = lambda m: AutoFlowGuide(
         m, flow="realnvp", structured=False, stl=False)
@@ -284,6 +287,8 @@ def main(argv=None):
         idata, sec, div = plain_nuts(model, num_samples, warmup, a.chains, depth)
         results["NUTS"] = mcmc_stats(idata, sec, 0.0, div)
         for label, make in ((f"NeuTra({flow_name})", lambda m: AutoFlowGuide(m)),
+                            ("NeuTra(flow:() site couplings only)",
+                             lambda m: AutoFlowGuide(m, flow=())),
                             ("NeuTra(AutoIAFNormal)",
                              lambda m: ag.AutoIAFNormal(m, num_transforms=2))):
             pyro.set_rng_seed(0)

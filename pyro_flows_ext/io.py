@@ -26,6 +26,11 @@ def atomic_save(obj, path):
 def to_record(flow):
     """The saveable description of a flow made by a builder of ``pfe.flows``."""
     spec = getattr(flow, "spec", None)
+    if spec is None and hasattr(flow, "prototype_trace"):  # an autoguide: it needs its model
+        raise ValueError(
+            "save() stores flows; to save a guide use torch.save(guide.state_dict(), path), and "
+            "to restore it build the guide for the same model, call guide() once (it traces "
+            "the model) and guide.load_state_dict(torch.load(path))")
     if spec is None:
         raise ValueError(
             "save() stores a builder name and its arguments, and this flow was not made by a "

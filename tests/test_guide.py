@@ -232,3 +232,23 @@ def test_site_couplings_follow_model_order():
         True, False, False]
     assert len(AutoFlowGuide(model, flow=lambda d: [], structured=False)
                .get_posterior().transforms) == 1
+    assert len(AutoFlowGuide(model, flow=()).get_posterior().transforms) == 2
+    with pytest.raises(TypeError, match="transforms"):
+        AutoFlowGuide(model, flow=[torch.nn.Linear(3, 3)])
+    with pytest.raises(TypeError, match="flow_kwargs"):
+        AutoFlowGuide(model, flow=(), num_layers=2)
+
+
+def test_state_dict_round_trip_and_save_error(tmp_path):
+    model, *_ = make_regression(dtype=torch.float32)
+    guide = fit(model, AutoFlowGuide(model), 50, lr=2e-2)
+    path = tmp_path / "guide.pt"
+    torch.save(guide.state_dict(), path)
+    restored = AutoFlowGuide(model)
+    restored()
+    restored.load_state_dict(torch.load(path))
+    u = torch.randn(5, 3)
+    with torch.no_grad():
+        assert torch.equal(guide.get_transform()(u), restored.get_transform()(u))
+    with pytest.raises(ValueError, match="torch.save\\(guide.state_dict"):
+        pfe.save(guide, tmp_path / "x.pt")
