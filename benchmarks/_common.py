@@ -10,7 +10,8 @@ CLOCK = time.thread_time
 
 
 class Peer:
-    """One compared flow: a module (for parameters and train/eval), ``log_prob`` and ``sample(n)``."""
+    """One compared flow: a module (for parameters and train/eval), ``log_prob`` and
+    ``sample(n)``."""
 
     def __init__(self, name, module, log_prob, sample):
         self.name, self.module, self.log_prob, self.sample = name, module, log_prob, sample

@@ -156,7 +156,8 @@ def speed_rounds(rounds, data):
             res["train"].append(time_train(peer, data, gens[i]))
             res["log_prob"].append(time_log_prob(peer, x_big))
             res["sample"].append(time_sample(peer))
-    medians = {name: {k: statistics.median(v) for k, v in res.items()} for name, res in results.items()}
+    medians = {name: {k: statistics.median(v) for k, v in res.items()}
+               for name, res in results.items()}
     return peers, medians
 
 
@@ -164,7 +165,8 @@ def nll_runs(steps, names=("moons", "checkerboard")):
     """Test NLL of each peer after ``steps`` training steps from the same seeds."""
     out = {}
     for name in names:
-        data, test = pfe.datasets.toy(name, N_TRAIN, seed=0), pfe.datasets.toy(name, N_TEST, seed=1)
+        data, test = (pfe.datasets.toy(name, N_TRAIN, seed=0),
+                      pfe.datasets.toy(name, N_TEST, seed=1))
         for maker in MAKERS:
             peer = build(maker, seed=0)
             train(peer, data, steps, torch.Generator().manual_seed(0))
@@ -220,7 +222,8 @@ def main(argv=None):
           f"{rounds} interleaved rounds (medians); NLL after {steps} steps, "
           f"{N_TRAIN:,} train (seed 0) / {N_TEST:,} test (seed 1) points")
     peers, speed = speed_rounds(rounds, pfe.datasets.toy("moons", N_TRAIN, seed=0))
-    print("optimiser: Adam(lr=1e-3, " + ", ".join(f"{p.name}: fused={p.fused}" for p in peers) + ")")
+    print("optimiser: Adam(lr=1e-3, "
+          + ", ".join(f"{p.name}: fused={p.fused}" for p in peers) + ")")
     bad = [p.name for p in peers if not (p.finite_lp and p.finite_x)]
     if bad:
         print(f"WARNING: non-finite log_prob or samples from: {', '.join(bad)}")

@@ -28,7 +28,8 @@ from pyro_flows_ext.infer.density import mean_nll  # noqa: E402
 
 def cosine_adam(params, lr, steps):
     """Adam whose learning rate follows a cosine from ``lr`` to 0 over ``steps`` steps (the
-    scheduler is stepped by a post-step hook, so fit_density's plain ``optim.step()`` drives it)."""
+    scheduler is stepped by a post-step hook, so fit_density's plain ``optim.step()`` drives
+    it)."""
     opt = torch.optim.Adam(params, lr=lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=steps)
     opt.register_step_post_hook(lambda *_: sched.step())
@@ -71,12 +72,14 @@ def main(argv=None):
     print(f"torch {torch.__version__}, 1 thread; {args.steps} steps, batch {args.batch}, Adam "
           f"lr {args.lr} with cosine decay; {args.train:,} train (10% validation) / "
           f"{args.test:,} test points; builder kwargs {kw}")
-    print("\n| flow | data | params | test NLL (± s.e.) | entropy | gap | best step | wall s | CPU s |")
+    print("\n| flow | data | params | test NLL (± s.e.) | entropy | gap | best step "
+          "| wall s | CPU s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     for flow_name in args.flows.split(","):
         for data_name in args.sets.split(","):
             r = run(flow_name, data_name, args, kw)
-            print(f"| {r['flow']} | {r['data']} | {r['params']:,} | {r['nll']:.4f} ± {r['se']:.4f} | "
+            print(f"| {r['flow']} | {r['data']} | {r['params']:,} | "
+                  f"{r['nll']:.4f} ± {r['se']:.4f} | "
                   f"{r['entropy']:.4f} | {r['gap']:+.4f} | {r['best_step']} | {r['wall']:.0f} | "
                   f"{r['cpu']:.0f} |")
             sys.stdout.flush()

@@ -123,11 +123,12 @@ def speed(group, rounds, data):
         order = order[r % len(order):] + order[:r % len(order)]
         for i in order:
             p = peers[i]
-            res[p.name]["train"].append(rate(lambda: train(p, data, BLOCK, gens[i]), BLOCK))
+            res[p.name]["train"].append(
+                rate(lambda p=p, i=i: train(p, data, BLOCK, gens[i]), BLOCK))
             p.module.eval()
             with torch.no_grad():
-                res[p.name]["log_prob"].append(rate(lambda: p.log_prob(x_big.clone()), BIG))
-                res[p.name]["sample"].append(rate(lambda: p.sample(BIG), BIG))
+                res[p.name]["log_prob"].append(rate(lambda p=p: p.log_prob(x_big.clone()), BIG))
+                res[p.name]["sample"].append(rate(lambda p=p: p.sample(BIG), BIG))
     return peers, {n: {k: statistics.median(v) for k, v in r.items()} for n, r in res.items()}
 
 
@@ -151,7 +152,8 @@ def nll_table(group, steps, bc_steps):
         for maker in GROUPS[group]:
             peer = build(maker, dim)
             try:
-                train(peer, tr, n_steps, torch.Generator().manual_seed(0), batch=min(BATCH, len(tr)))
+                train(peer, tr, n_steps, torch.Generator().manual_seed(0),
+                      batch=min(BATCH, len(tr)))
                 out.setdefault(peer.name, {})[name] = test_nll(peer, te)
             except Exception as e:  # a peer failing is a result, not a crash
                 print(f"  {peer.name} on {name}: {type(e).__name__}: {str(e)[:80]}")
@@ -172,7 +174,8 @@ def report(group, peers, sp, nll):
         print(f"| {p.name} | {p.num_params():,} | {s['train']:.1f} | {s['log_prob']:,.0f} | "
               f"{s['sample']:,.0f} | " + " | ".join(f"{n[k]:.3f}" for k in SETS) + " |")
     ours_ = peers[0].name
-    print("\n| ours / peer | train | log_prob | sample | " + " | ".join(f"dNLL {s}" for s in SETS) + " |")
+    print("\n| ours / peer | train | log_prob | sample | "
+          + " | ".join(f"dNLL {s}" for s in SETS) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(SETS))
     for p in peers[1:]:
         r = [sp[ours_][k] / sp[p.name][k] for k in ("train", "log_prob", "sample")]

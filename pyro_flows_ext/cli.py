@@ -32,7 +32,8 @@ def _load_data(source, n, seed):
     from . import datasets
 
     if source in datasets.TOY:
-        return datasets.toy(source, n, seed), datasets.toy(source, max(n // 4, 1000), seed + 1), source
+        return (datasets.toy(source, n, seed),
+                datasets.toy(source, max(n // 4, 1000), seed + 1), source)
     if not os.path.exists(source):
         raise CLIError(f"{source!r} is neither a toy data set ({', '.join(datasets.TOY)}) "
                        "nor an existing .csv/.npy/.npz file")

@@ -40,7 +40,8 @@ def _eight_gaussians(n, g):
 
 def _spirals(n, g):
     r = torch.sqrt(torch.rand(n, 1, generator=g)) * 540 * (2 * math.pi) / 360
-    pts = torch.cat([-torch.cos(r) * r, torch.sin(r) * r], -1) + torch.rand(n, 2, generator=g) * 0.5
+    pts = (torch.cat([-torch.cos(r) * r, torch.sin(r) * r], -1)
+           + torch.rand(n, 2, generator=g) * 0.5)
     sign = torch.where(torch.rand(n, 1, generator=g) < 0.5, -1.0, 1.0)
     return pts * sign / 3 + 0.1 * torch.randn(n, 2, generator=g)
 
@@ -99,7 +100,8 @@ def load(path):
         elif ext == ".npz":
             with np.load(path, allow_pickle=False) as z:
                 keys = list(z.keys())
-                key = next((k for k in ("data", "x") if k in keys), keys[0] if len(keys) == 1 else None)
+                key = next((k for k in ("data", "x") if k in keys),
+                           keys[0] if len(keys) == 1 else None)
                 if key is None:
                     raise ValueError(f"the .npz file holds {keys}; name the data array 'data'")
                 array = z[key]

@@ -58,7 +58,8 @@ class Flow(dist.TransformedDistribution, nn.Module):
                     raise ValueError("Flow(base=None) needs event_shape=... or a pyro_flows_ext "
                                      "layer first in transforms to infer the base shape")
                 event_shape = transforms[0].base_event_shape()
-            event_shape = torch.Size([event_shape] if isinstance(event_shape, int) else event_shape)
+            event_shape = torch.Size([event_shape] if isinstance(event_shape, int)
+                                     else event_shape)
             base = dist.Normal(torch.zeros(event_shape), torch.ones(event_shape))
             base = base.to_event(len(event_shape))
             standard_normal = True
@@ -103,7 +104,8 @@ class Flow(dist.TransformedDistribution, nn.Module):
 
     def _check_value(self, value):
         n = len(self.event_shape)
-        if not torch.is_tensor(value) or value.dim() < n or value.shape[value.dim() - n:] != self.event_shape:
+        if (not torch.is_tensor(value) or value.dim() < n
+                or value.shape[value.dim() - n:] != self.event_shape):
             shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
             raise ValueError(f"Flow.log_prob expects values with event shape "
                              f"{tuple(self.event_shape)} in the rightmost dimensions, got {shape}")
@@ -135,7 +137,7 @@ class Flow(dist.TransformedDistribution, nn.Module):
             return _sum_rightmost(-0.5 * sq - self._log_norm, self._dims[0] - n)
         return _sum_rightmost(base.log_prob(z), self._dims[0] - len(base.event_shape))
 
-    def sample_and_log_prob(self, sample_shape=torch.Size()):
+    def sample_and_log_prob(self, sample_shape=()):
         """Draws ``x`` and returns ``(x, log_prob(x))`` in one generative pass."""
         sample_shape = torch.Size(sample_shape)
         base = self.base_dist

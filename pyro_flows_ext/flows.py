@@ -103,7 +103,8 @@ def nsf(dim, num_layers=4, hidden_dims=(64, 64), count_bins=8, bound=5.0, contex
         if context_dim:
             return maf(1, num_layers=num_layers, hidden_dims=hidden_dims, kind="spline",
                        count_bins=count_bins, bound=bound, context_dim=context_dim)
-        return Flow(None, [RationalQuadraticSpline(1, count_bins, bound) for _ in range(num_layers)])
+        return Flow(None, [RationalQuadraticSpline(1, count_bins, bound)
+                           for _ in range(num_layers)])
     layers = [SplineCoupling(dim, tuple(hidden_dims), count_bins, bound,
                              mask=_alternating_mask(dim, i), context_dim=context_dim,
                              inverse=inverse)

@@ -73,13 +73,15 @@ def check_bijection(layer, event_shape, dtype=torch.float64):
 
     # log-det against the autograd Jacobian in float64
     if dtype == torch.float64:
-        torch.testing.assert_close(ladj, autograd_ladj(layer, z, event_shape), atol=1e-7, rtol=1e-6)
+        torch.testing.assert_close(ladj, autograd_ladj(layer, z, event_shape),
+                                   atol=1e-7, rtol=1e-6)
 
     # gradients reach every parameter, in both directions
     for direction in ("forward", "inverse") if list(layer.parameters()) else ():
         layer.zero_grad()
-        y, l = layer.call_and_ladj(z) if direction == "forward" else layer.inverse_and_ladj(x.detach())
-        (y.square().sum() + l.sum()).backward()
+        y, lad = (layer.call_and_ladj(z) if direction == "forward"
+                  else layer.inverse_and_ladj(x.detach()))
+        (y.square().sum() + lad.sum()).backward()
         for name, p in layer.named_parameters():
             assert p.grad is not None, f"{direction}: no gradient reaches {name}"
             assert torch.isfinite(p.grad).all(), f"{direction}: non-finite gradient for {name}"

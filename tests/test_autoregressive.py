@@ -12,9 +12,11 @@ ORDER = [2, 0, 3, 1]
 LAYERS = {
     "maf-affine": (lambda: MaskedAutoregressive(3, hidden_dims=(8,)), (3,)),
     "iaf-affine": (lambda: MaskedAutoregressive(3, inverse=True, hidden_dims=(8,)), (3,)),
-    "maf-spline": (lambda: MaskedAutoregressive(3, kind="spline", hidden_dims=(8,), count_bins=4), (3,)),
-    "iaf-spline-order": (lambda: MaskedAutoregressive(4, kind="spline", inverse=True, hidden_dims=(8, 8),
-                                                      count_bins=3, order=ORDER), (4,)),
+    "maf-spline": (lambda: MaskedAutoregressive(3, kind="spline", hidden_dims=(8,),
+                                                count_bins=4), (3,)),
+    "iaf-spline-order": (lambda: MaskedAutoregressive(4, kind="spline", inverse=True,
+                                                      hidden_dims=(8, 8), count_bins=3,
+                                                      order=ORDER), (4,)),
     "maf-1d": (lambda: MaskedAutoregressive(1, hidden_dims=(4,)), (1,)),
 }
 
@@ -51,7 +53,7 @@ def test_made_output_depends_only_on_earlier_variables_and_context():
     xs, c = torch.randn(8, 5), torch.randn(2)
     # summed over a few points: a ReLU path may be dead at any single one
     jac_x = sum(jacobian(lambda e: made(e, c), x).abs() for x in xs)  # (5, 3, 5)
-    jac_c = sum(jacobian(lambda e: made(x, e), c).abs() for x in xs)
+    jac_c = sum(jacobian(lambda e, x=x: made(x, e), c).abs() for x in xs)
     rank = torch.empty(5, dtype=torch.long)
     rank[torch.tensor([4, 1, 0, 3, 2])] = torch.arange(5)
     allowed = rank[:, None] > rank[None, :]

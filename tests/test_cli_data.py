@@ -10,7 +10,8 @@ from pyro_flows_ext.cli import main
 
 def test_fit_and_sample_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(["fit", "moons", "--steps", "30", "--n", "2000", "--out", str(out), "--quiet"]) == 0
+    assert main(["fit", "moons", "--steps", "30", "--n", "2000", "--out", str(out),
+                 "--quiet"]) == 0
     for name in ("model.pt", "metrics.json", "density.png", "samples.png", "loss.png"):
         assert (out / name).stat().st_size > 0, name
     metrics = json.loads((out / "metrics.json").read_text())

@@ -95,7 +95,8 @@ def test_scoring_the_same_tensor_reuses_the_draw_and_clone_redraws():
 
 
 def test_sample_then_score_hits_the_pair_cache():
-    flow = pfe.Flow(None, [pfe.transforms.AffineCoupling(4), TinyAugment(3, 1), pfe.transforms.Exp(3)])
+    flow = pfe.Flow(None, [pfe.transforms.AffineCoupling(4), TinyAugment(3, 1),
+                           pfe.transforms.Exp(3)])
     x, lp = flow.sample_and_log_prob((7,))
     torch.testing.assert_close(flow.log_prob(x), lp)
     y = flow.rsample((4,))

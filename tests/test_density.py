@@ -93,7 +93,8 @@ def test_checkpoint_is_kept_when_training_diverges(tmp_path):
         warnings.simplefilter("ignore", TrainingDiverged)
         history = pfe.infer.fit_density(flow, data, num_steps=40, eval_every=10, progress=False,
                                         checkpoint=ckpt, resume=False)
-    assert history["stopped"].startswith("non-finite loss") and history["stopped"].endswith("step 0")
+    assert (history["stopped"].startswith("non-finite loss")
+            and history["stopped"].endswith("step 0"))
     reloaded = pfe.load(ckpt).eval()
     x = torch.randn(5, 2)
     torch.testing.assert_close(reloaded.log_prob(x), saved.log_prob(x.clone()))
@@ -113,7 +114,8 @@ def test_checkpoint_and_resume(tmp_path):
 def test_per_parameter_pyro_optimizer_path():
     flow = pfe.flows.realnvp(2, num_layers=1, hidden_dims=(8,))
     optim = pyro.optim.Adam(lambda module, param: {"lr": 1e-2})
-    history = pfe.infer.fit_density(flow, gaussian_data(), num_steps=50, progress=False, optim=optim)
+    history = pfe.infer.fit_density(flow, gaussian_data(), num_steps=50, progress=False,
+                                    optim=optim)
     assert history["loss"][-1] < history["loss"][0]
 
 

@@ -22,7 +22,7 @@ def test_mlp_matches_linear_layers_and_gradcheck():
                                         linears[2])
         x = torch.randn(2, 7, 3, dtype=torch.float64, requires_grad=True)
         torch.testing.assert_close(net(x), reference(x))
-        assert torch.autograd.gradcheck(lambda x, p: net(x), (x, net.flat))
+        assert torch.autograd.gradcheck(lambda x, p, net=net: net(x), (x, net.flat))
 
 
 def test_mlp_without_hidden_layers_is_affine():

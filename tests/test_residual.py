@@ -8,7 +8,8 @@ from .contract import assert_fit_beats_gaussian, check_bijection, perturb
 
 LAYERS = {
     "residual-exact": (lambda: ResidualBlock(3, hidden_dims=(8, 8)), (3,)),
-    "residual-exact-eval": (lambda: ResidualBlock(2, hidden_dims=(8,), logdet="roulette").eval(), (2,)),
+    "residual-exact-eval": (lambda: ResidualBlock(2, hidden_dims=(8,), logdet="roulette").eval(),
+                            (2,)),
 }
 
 
@@ -40,7 +41,8 @@ def test_measured_lipschitz_constant_below_bound():
         loss.backward()
         opt.step()
     points = 3 * torch.randn(200, 2, dtype=torch.float64)
-    norms = torch.stack([spectral_norm(torch.autograd.functional.jacobian(layer.g, p)) for p in points])
+    norms = torch.stack([spectral_norm(torch.autograd.functional.jacobian(layer.g, p))
+                         for p in points])
     assert norms.max() < 0.9
     assert norms.max() > 0.1  # g is not trivially small: the bound is what limits it
 
@@ -57,8 +59,10 @@ def test_fixed_point_inverse_converges(dtype):
 
 
 def exact_logdet(layer, x):
-    return torch.stack([torch.linalg.slogdet(torch.eye(2, dtype=x.dtype) + torch.autograd.functional.jacobian(
-        layer.g, p, create_graph=True))[1] for p in x])
+    return torch.stack([torch.linalg.slogdet(torch.eye(2, dtype=x.dtype)
+                                             + torch.autograd.functional.jacobian(
+                                                 layer.g, p, create_graph=True))[1]
+                        for p in x])
 
 
 def test_roulette_logdet_is_unbiased():
@@ -102,6 +106,7 @@ def test_power_series_close_to_exact_and_eval_is_deterministic():
 
 
 def test_residual_flow_fits_moons_beyond_a_gaussian():
-    flow = assert_fit_beats_gaussian(pfe.flows.residual_flow(2, num_blocks=4, hidden_dims=(32, 32)))
+    flow = assert_fit_beats_gaussian(pfe.flows.residual_flow(2, num_blocks=4,
+                                                             hidden_dims=(32, 32)))
     x = flow.sample((100,))  # sampling runs the fixed-point inverse of every block
     assert torch.isfinite(x).all()

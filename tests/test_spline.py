@@ -44,7 +44,8 @@ def hard_points(xs, bound):
     """Bin edges (the knots themselves), points just beside them, tails and +-1e3."""
     far = torch.tensor([-1e3, -50.0, -bound - 1e-4, bound + 1e-4, 7.0, 1e3], dtype=xs.dtype)
     eps = 1e-6 if xs.dtype == torch.float32 else 1e-12
-    return torch.cat([xs, xs + eps, xs - eps, far, torch.linspace(-bound, bound, 101, dtype=xs.dtype)])
+    return torch.cat([xs, xs + eps, xs - eps, far,
+                      torch.linspace(-bound, bound, 101, dtype=xs.dtype)])
 
 
 @pytest.mark.parametrize("scale", [0.5, 2.0])
@@ -95,7 +96,8 @@ def test_monotone_and_derivative_matches_autograd():
     (dxdy,) = torch.autograd.grad(xb.sum(), yy)
     torch.testing.assert_close(lad_inv, dxdy.log(), atol=1e-8, rtol=1e-6)
     # derivative continuous across +-bound (boundary derivatives are 1)
-    y_in, lad_in = rqs_forward(torch.tensor([-bound, bound], dtype=torch.float64), xs, ys, ds, bound)
+    y_in, lad_in = rqs_forward(torch.tensor([-bound, bound], dtype=torch.float64),
+                               xs, ys, ds, bound)
     torch.testing.assert_close(lad_in, torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
 
 

@@ -129,7 +129,8 @@ def fit_density(flow, data, num_steps=2000, batch_size=512, optim=None, val_frac
     if checkpoint is not None and getattr(flow, "spec", None) is None:
         to_record(flow)  # raises the clear "not made by a builder" error now, not at step 100
     params = [p for p in flow.parameters() if p.requires_grad]
-    zero_grad, opt_step, torch_opt = _make_optimizer(optim or pyro.optim.Adam({"lr": 1e-3}), params, flow)
+    zero_grad, opt_step, torch_opt = _make_optimizer(optim or pyro.optim.Adam({"lr": 1e-3}),
+                                                     params, flow)
 
     history = {"loss": [], "val_step": [], "val_nll": [], "best_step": 0,
                "best_val_nll": math.inf, "stopped": None}

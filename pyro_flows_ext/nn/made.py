@@ -41,7 +41,8 @@ class MADE(nn.Module):
         in_deg = torch.cat([rank, torch.zeros(context_dim, dtype=torch.long)])  # context: 0
         masks, prev = [], in_deg
         for h in hidden_dims:
-            deg = torch.arange(h) % max(dim - 1, 1) + 1 if dim > 1 else torch.zeros(h, dtype=torch.long)
+            deg = (torch.arange(h) % max(dim - 1, 1) + 1 if dim > 1
+                   else torch.zeros(h, dtype=torch.long))
             masks.append(deg[:, None] >= prev[None, :])
             prev = deg
         out_deg = rank.repeat_interleave(params)  # output j * P + p belongs to variable j
@@ -49,7 +50,8 @@ class MADE(nn.Module):
         self.net = MLP(len(in_deg), dim * params, tuple(hidden_dims), activation, zero_init, masks)
         # a direct context -> output path: the first variable in `order` has no hidden unit
         # it may read, but its outputs must still see the context
-        self.context_out = nn.Linear(context_dim, dim * params, bias=False) if context_dim else None
+        self.context_out = (nn.Linear(context_dim, dim * params, bias=False) if context_dim
+                            else None)
         if zero_init and self.context_out is not None:
             nn.init.zeros_(self.context_out.weight)
 

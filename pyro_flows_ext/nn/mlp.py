@@ -41,7 +41,8 @@ class MLP(nn.Module):
         self.masked = masks is not None
         for i, mask in enumerate(masks or ()):
             if tuple(mask.shape) != self.shapes[i]:
-                raise ValueError(f"mask {i} must have shape {self.shapes[i]}, got {tuple(mask.shape)}")
+                raise ValueError(f"mask {i} must have shape {self.shapes[i]}, "
+                                 f"got {tuple(mask.shape)}")
             self.register_buffer(f"mask_{i}", mask.to(self.flat.dtype))
 
     def layers(self):
@@ -50,7 +51,8 @@ class MLP(nn.Module):
         slice's backward zero-fills a ``flat``-sized gradient (a fifth of a small guide's
         step)."""
         parts = self.flat.split([n for n_out, n_in in self.shapes for n in (n_out * n_in, n_out)])
-        return [(parts[2 * i].view(shape), parts[2 * i + 1]) for i, shape in enumerate(self.shapes)]
+        return [(parts[2 * i].view(shape), parts[2 * i + 1])
+                for i, shape in enumerate(self.shapes)]
 
     def forward(self, x):
         # Batch dims flattened once, addmm and in-place ReLU: at flow-conditioner sizes the

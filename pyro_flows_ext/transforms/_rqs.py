@@ -5,7 +5,10 @@ The spline maps ``[-B, B]`` onto itself through ``K`` bins with knots
 identity (linear tails). In bin ``k``, with :math:`\xi = (x - x_k)/w_k` and
 :math:`s_k = h_k / w_k`,
 
-.. math:: y = y_k + \frac{h_k [s_k \xi^2 + d_k \xi(1-\xi)]}{s_k + (d_{k+1} + d_k - 2 s_k)\xi(1-\xi)}.
+.. math::
+
+    y = y_k + \frac{h_k [s_k \xi^2 + d_k \xi(1-\xi)]}
+                   {s_k + (d_{k+1} + d_k - 2 s_k)\xi(1-\xi)}.
 
 Raw (unconstrained) parameters map to knots so that **zero raw parameters give the
 identity**: widths and heights are a softmax (uniform when all raw values are equal) and

@@ -49,7 +49,8 @@ class MaskedAutoregressive(FlowLayer):
             raise ValueError(f"kind must be 'affine' or 'spline', got {kind!r}")
         self.dim, self.kind, self.inverse = dim, kind, bool(inverse)
         self.fast_inverse = not self.inverse  # IAF inverts by D passes
-        self.context_dim, self.count_bins, self.bound, self.clamp = context_dim, count_bins, float(bound), clamp
+        self.context_dim, self.count_bins = context_dim, count_bins
+        self.bound, self.clamp = float(bound), clamp
         params = 2 if kind == "affine" else num_params(count_bins)
         self.made = MADE(dim, params, tuple(hidden_dims), context_dim=context_dim, order=order)
 

@@ -24,7 +24,8 @@ class InvertibleConv1x1(FlowLayer):
     def __init__(self, dim, lu=False, event_dim=1, init="rotation"):
         super().__init__()
         if event_dim not in (1, 3):
-            raise ValueError(f"event_dim must be 1 (vectors) or 3 (C, H, W images), got {event_dim}")
+            raise ValueError("event_dim must be 1 (vectors) or 3 (C, H, W images), "
+                             f"got {event_dim}")
         self.dim, self.lu, self.event_dim = dim, lu, event_dim
         if init == "rotation":
             rotation = torch.linalg.qr(torch.randn(dim, dim))[0].contiguous()

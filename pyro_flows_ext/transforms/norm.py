@@ -96,7 +96,8 @@ class ActNorm(_PerChannel):
 class InvertibleBatchNorm(_PerChannel):
     r"""Batch normalisation as a bijection (RealNVP):
     :math:`z = (x - \mu) / \sqrt{\sigma^2 + \epsilon}\; e^{\gamma} + \beta`,
-    :math:`\log|\det \partial z/\partial x| = \sum_c \gamma_c - \tfrac12 \log(\sigma_c^2 + \epsilon)`.
+    :math:`\log|\det \partial z/\partial x|
+    = \sum_c \gamma_c - \tfrac12 \log(\sigma_c^2 + \epsilon)`.
 
     Training mode: the data-to-base direction uses the statistics of its batch (over every
     batch dimension) and updates the running averages; the generative direction reuses the

@@ -15,7 +15,8 @@ from ..core import FlowLayer, check_event_size
 
 
 class LipSwish(nn.Module):
-    r""":math:`x \sigma(\beta x) / 1.1` with learnable :math:`\beta > 0`: 1-Lipschitz (Chen 2019)."""
+    r""":math:`x \sigma(\beta x) / 1.1` with learnable :math:`\beta > 0`: 1-Lipschitz
+    (Chen 2019)."""
 
     def __init__(self, size):
         super().__init__()
@@ -87,7 +88,8 @@ class ResidualBlock(FlowLayer):
       Hutchinson vector ``v``, ``n = n_power_terms``; biased, backprop through the series.
     * ``'roulette'``: the unbiased Russian-roulette estimator (``n_exact_terms`` plus a
       geometric number of terms) with the Neumann-series gradient
-      :math:`\nabla \log\det(I+J) = \mathbb{E}[\sum_k (-1)^k v^\top J^k (\nabla J) v / P(N \ge k+1)]`
+      :math:`\nabla \log\det(I+J)
+      = \mathbb{E}[\sum_k (-1)^k v^\top J^k (\nabla J) v / P(N \ge k+1)]`
       computed without keeping the series' graph (memory-efficient backward).
 
     Eval mode always uses ``'exact'``, so ``log_prob`` is deterministic.
@@ -225,14 +227,16 @@ class ResidualBlock(FlowLayer):
                 x = x_new
                 if done:
                     break
-        if torch.is_grad_enabled() and (z.requires_grad or any(p.requires_grad for p in self.parameters())):
+        if torch.is_grad_enabled() and (z.requires_grad
+                                        or any(p.requires_grad for p in self.parameters())):
             x = self._implicit(z, x)
         _, ladj = self.inverse_and_ladj(x)
         return x, -ladj
 
     def _implicit(self, z, x_star):
         r"""``x`` with value ``x_star`` and the implicit-function gradient of the fixed point:
-        :math:`\partial x/\partial(z, \theta) = (I + J_g)^{-1} \partial (z - g)/\partial(z, \theta)`."""
+        :math:`\partial x/\partial(z, \theta)
+        = (I + J_g)^{-1} \partial (z - g)/\partial(z, \theta)`."""
         x_star = x_star.detach().requires_grad_(False)
         x = z - self.g(x_star)  # value ~ x_star; gradient of z - g w.r.t. z and parameters
         x = x_star + (x - x.detach())
