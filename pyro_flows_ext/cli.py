@@ -180,8 +180,9 @@ def cmd_infer(args):
     from .flows import FLOWS
     from .infer import AutoFlowGuide, neutra_mcmc
 
-    if args.flow not in FLOWS:
-        raise CLIError(f"unknown flow {args.flow!r}; expected one of: {', '.join(sorted(FLOWS))}")
+    if args.flow not in FLOWS and args.flow != "none":
+        raise CLIError(f"unknown flow {args.flow!r}; expected 'none' (site couplings only) or "
+                       f"one of: {', '.join(sorted(FLOWS))}")
     if args.neutra and (args.num_samples < 1 or args.warmup < 0):
         raise CLIError("--num-samples must be >= 1 and --warmup >= 0")
     model = _load_model(args.model)
@@ -192,9 +193,10 @@ def cmd_infer(args):
     out = args.out or os.path.join("runs", "infer_" + _model_stem(args.model))
     os.makedirs(out, exist_ok=True)
 
-    guide = AutoFlowGuide(model, flow=args.flow)
+    guide = AutoFlowGuide(model, flow=() if args.flow == "none" else args.flow, stl=args.stl)
+    # sticking the landing needs single-sample gradient outliers clipped (see AutoFlowGuide)
     optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1 / args.steps),
-                                    "clip_norm": 1.0})
+                                    "clip_norm": 1.0 if args.stl else 10.0})
     svi = pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
     losses = []
     bar = tqdm(range(args.steps), desc="SVI", disable=args.quiet, mininterval=0.5)
@@ -304,7 +306,11 @@ def build_parser():
     infer = sub.add_parser("infer", help="SVI with a flow guide on a Pyro model, optional NeuTra")
     infer.add_argument("model", help="path/to/model.py:function (a model taking no arguments)")
     infer.add_argument("--flow", default=default_flow(),
-                       help=f"guide flow, one of: {', '.join(sorted(FLOWS))}")
+                       help=f"guide flow: 'none' (site couplings and location-scale only) or "
+                            f"one of: {', '.join(sorted(FLOWS))}")
+    infer.add_argument("--stl", action="store_true",
+                       help="sticking-the-landing gradients with gradient clipping (for affine "
+                            "guides: --flow none or realnvp; e.g. funnels)")
     infer.add_argument("--steps", type=int, default=2000)
     infer.add_argument("--lr", type=float, default=1e-2)
     infer.add_argument("--neutra", action="store_true", help="then NeuTra NUTS with the guide")

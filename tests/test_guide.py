@@ -1,6 +1,7 @@
 """AutoFlowGuide: exact posterior and evidence on a conjugate model, Pyro integration."""
 
 import math
+import warnings
 
 import pyro
 import pyro.distributions as dist
@@ -206,14 +207,18 @@ def test_sticking_the_landing_is_unbiased():
     assert plain_grad.abs().max() > 0.3  # the check has something to compare
 
 
-def test_stl_default_follows_inverse_cost():
+def test_stl_is_opt_in_and_warns_for_unsuited_layers():
     model = gaussian_model(torch.zeros(3), torch.ones(3))
-    for flow, expected in (("realnvp", True), ("nsf", False), ("iaf", False), ("maf", True)):
-        guide = AutoFlowGuide(model, flow=flow)
-        guide()
-        assert guide.stl is expected, flow
-    guide = AutoFlowGuide(model, flow="iaf", stl=True)
+    guide = AutoFlowGuide(model)
     guide()
+    assert guide.stl is False
+    for flow in ("nsf", "iaf"):
+        with pytest.warns(UserWarning, match="stl=True"):
+            AutoFlowGuide(model, flow=flow, stl=True)()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guide = AutoFlowGuide(model, flow="realnvp", stl=True)
+        guide()
     assert guide.stl
 
 

@@ -60,10 +60,20 @@ class MLP(nn.Module):
         batch = x.shape[:-1]
         h = x.reshape(-1, x.shape[-1])
         layers = self.layers()
+        last = len(layers) - 1
         for i, (weight, bias) in enumerate(layers):
             if self.masked:
                 weight = weight * getattr(self, f"mask_{i}")
-            h = torch.addmm(bias, h, weight.t())
-            if i < len(layers) - 1:
+            if i < last:
+                h = torch.addmm(bias, h, weight.t())
                 h = h.relu_() if self.activation is None else self.activation(h)
+            else:
+                c = self.readout_scale
+                h = torch.addmm(bias, h, weight.t(), beta=c, alpha=c)
         return h.reshape(batch + h.shape[-1:])
+
+    #: multiplies the last layer's output, ``c (W h + b)``. Adam moves every weight by about
+    #: ``lr`` per step whatever its gradient's size, so a zero-initialised readout over ``H``
+    #: hidden units moves the output by about ``lr * H * E|h|`` per step; ``c = 1 / H``
+    #: (muP's readout scaling) makes that independent of the width.
+    readout_scale = 1.0
