@@ -286,8 +286,8 @@ class AutoFlowGuide(AutoContinuous):
         unsuited = _stl_unsuited(layers) if self.stl else []
         if unsuited:
             warnings.warn(f"stl=True with {unsuited[0]} layers: sticking the landing inverts "
-                          "every layer each step, and spline inverses give unstable gradients and IAF "
-                          "inverses cost D passes; prefer flow='realnvp' or flow=() with stl",
+                          "every layer each step, and spline inverses give unstable gradients "
+                          "and IAF inverses cost D passes; prefer flow='realnvp' or flow=()",
                           stacklevel=2)
 
     @property
