@@ -257,3 +257,26 @@ def test_state_dict_round_trip_and_save_error(tmp_path):
         assert torch.equal(guide.get_transform()(u), restored.get_transform()(u))
     with pytest.raises(ValueError, match="torch.save\\(guide.state_dict"):
         pfe.save(guide, tmp_path / "x.pt")
+
+
+def test_readouts_scaled_so_first_adam_steps_do_not_compound(monkeypatch):
+    # Adam's first step moves every readout weight by ~lr; with H hidden units the coupling
+    # outputs (log-scales, shifts) then move by ~lr * H * E|h| unless the readout is scaled
+    model, *_ = make_regression(dtype=torch.float32)
+
+    def output_after_one_step():
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        guide = AutoFlowGuide(model, flow="realnvp")
+        SVI(model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO()).step()
+        nets = [m for m in guide.modules() if isinstance(m, pfe.nn.MLP)]
+        with torch.no_grad():
+            return nets, max(net(torch.randn(256, net.shapes[0][1])).abs().max().item()
+                             for net in nets)
+
+    nets, moved = output_after_one_step()
+    assert nets and all(m.readout_scale == 1 / m.shapes[-1][1] for m in nets)
+    monkeypatch.setattr("pyro_flows_ext.infer.guide._scale_readouts", lambda layers: None)
+    _, moved_unscaled = output_after_one_step()
+    assert moved < 0.05 < 0.2 < moved_unscaled, (moved, moved_unscaled)
+    assert pfe.flows.realnvp(4).transforms[0].net.readout_scale == 1.0  # density flows: as is
