@@ -128,8 +128,7 @@ def run_svi(model_items, factories, steps, rounds, diag_samples, log, optim="ada
             # distinct param-store names: guides of one class would share parameters
             guide._pyro_name = "".join(c if c.isalnum() else "_" for c in gname)
             svi = SVI(model, guide, OPTIMIZERS[optim](), Trace_ELBO())
-            runs[gname] = {"guide": guide, "svi": svi, "losses": [], "times": [], "nan": None,
-                           "params": None}
+            runs[gname] = {"guide": guide, "svi": svi, "losses": [], "times": [], "nan": None}
         per_round = max(1, steps // rounds)
         names = list(runs)
         for r in range(rounds):

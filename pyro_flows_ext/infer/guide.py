@@ -171,8 +171,9 @@ def _stl_unsuited(layers):
     passes) and splines (the inverse's parameter gradients blow up while the knots move; an
     nsf guide on a linear regression collapsed to a point within 60 steps with it)."""
     def unsuited(t):
-        return isinstance(t, (SplineCoupling, RationalQuadraticSpline)) or (
-            isinstance(t, MaskedAutoregressive) and (t.kind == "spline" or t.inverse))
+        spline = isinstance(t, (SplineCoupling, RationalQuadraticSpline)) or (
+            isinstance(t, MaskedAutoregressive) and t.kind == "spline")
+        return spline or not getattr(t, "fast_inverse", True)
     return [type(t).__name__ for t in layers if unsuited(t)]
 
 
@@ -206,7 +207,7 @@ class AutoFlowGuide(AutoContinuous):
             be subsampled; local latent variables inside a subsampled plate are not supported
             (as for every ``AutoContinuous``).
         flow: a builder name in :data:`pyro_flows_ext.flows.FLOWS` (default
-            :func:`default_flow`, ``'realnvp'``), a list of transforms (``()``: only the site
+            :func:`default_flow`, ``'nsf'``), a list of transforms (``()``: only the site
             couplings and ``LocScale``, the fastest guide and on Neal's funnel the most
             accurate one), or a callable ``dim -> transforms`` returning a
             list of transforms, a single transform or a :class:`~pyro_flows_ext.Flow`.
@@ -246,7 +247,7 @@ class AutoFlowGuide(AutoContinuous):
             raise TypeError(f"flow_kwargs {sorted(flow_kwargs)} are only used with a builder "
                             "name; bind them into your callable instead")
         self._flow_spec, self._flow_kwargs, self._init_scale = flow, flow_kwargs, init_scale
-        self._structured, self._stl_option = bool(structured), stl
+        self._structured, self.stl = bool(structured), bool(stl)
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     # -- construction --------------------------------------------------------------------------
@@ -289,7 +290,6 @@ class AutoFlowGuide(AutoContinuous):
         loc_scale = LocScale(self.latent_dim, init, self._init_scale)
         flow = Flow(None, layers + [loc_scale], event_shape=(self.latent_dim,))
         self.flow = flow.to(device=init.device, dtype=init.dtype)
-        self.stl = bool(self._stl_option)
         unsuited = _stl_unsuited(layers) if self.stl else []
         if unsuited:
             warnings.warn(f"stl=True with {unsuited[0]} layers: sticking the landing inverts "
