@@ -28,3 +28,6 @@ __all__ += ["MaskedAutoregressive", "RationalQuadraticSpline", "SplineCoupling"]
 from .residual import ResidualBlock  # noqa: E402
 
 __all__ += ["ResidualBlock"]
+from .preprocess import CholeskyAffine, Standardize  # noqa: E402
+
+__all__ += ["CholeskyAffine", "Standardize"]
