@@ -158,7 +158,7 @@ def run_svi(model_items, factories, steps, rounds, diag_samples, log, optim="ada
             tail = run["losses"][-max(1, len(run["losses"]) // 10):]
             row["elbo"] = -float(np.mean(tail))
             try:
-                est = diagnostics.log_evidence(model, run["guide"], diag_samples)
+                est = diagnostics.log_evidence(model, run["guide"], num_samples=diag_samples)
                 row.update(iw=est["log_evidence"], khat=est["khat"])
             except Exception as e:  # noqa: BLE001
                 row["status"] = f"diagnostics failed: {str(e)[:40]}"
@@ -296,8 +296,8 @@ def main(argv=None):
             pyro.clear_param_store()
             guide = make(model)
             train_s = train(model, guide, steps, optim)
-            res = neutra_mcmc(model, guide, num_samples, warmup, a.chains, seed=0,
-                              max_tree_depth=depth)
+            res = neutra_mcmc(model, guide, num_samples=num_samples, warmup_steps=warmup,
+                              num_chains=a.chains, seed=0, max_tree_depth=depth)
             results[label] = mcmc_stats(res.idata, res.seconds, train_s, res.divergences)
         for label, s in results.items():
             print(f"| {mname} | {label} | {s['div']} | {s['ess']:.0f} | {s['ess_s']:.2f} | "

@@ -211,7 +211,7 @@ def cmd_infer(args):
 
     from . import diagnostics
 
-    est = diagnostics.log_evidence(model, guide, args.diag_samples)
+    est = diagnostics.log_evidence(model, guide, num_samples=args.diag_samples)
     tail = losses[-max(1, len(losses) // 10):]
     print(f"flow: {args.flow}  latent sites: {', '.join(latent)}  (dimension {guide.latent_dim})")
     print(f"ELBO (last 10% of steps, mean): {-sum(tail) / len(tail):.4f}")
@@ -222,7 +222,8 @@ def cmd_infer(args):
     print(f"PSIS k-hat: {est['khat']:.3f} ({verdict})")
 
     if args.neutra:
-        result = neutra_mcmc(model, guide, args.num_samples, args.warmup, seed=args.seed,
+        result = neutra_mcmc(model, guide, num_samples=args.num_samples,
+                             warmup_steps=args.warmup, seed=args.seed,
                              max_tree_depth=args.max_tree_depth, progress=not args.quiet)
         idata, source = result.idata, "NeuTra NUTS"
         print(f"NeuTra NUTS: {args.num_samples} draws, {result.divergences} divergences, "

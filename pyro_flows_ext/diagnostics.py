@@ -1,6 +1,7 @@
 """Diagnostics for guides and MCMC runs with arviz: PSIS k-hat, importance-weighted evidence,
 ``InferenceData``. arviz is imported here only (it is slow to import)."""
 
+import inspect
 import math
 import warnings
 
@@ -11,7 +12,27 @@ import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 
-__all__ = ["log_importance_weights", "psis_khat", "log_evidence", "to_inference_data"]
+__all__ = ["log_importance_weights", "psis_khat", "log_evidence", "to_inference_data",
+           "check_model_args"]
+
+
+def check_model_args(caller, model, args, kwargs):
+    """Raises a ``TypeError`` naming ``caller`` when ``model(*args, **kwargs)`` does not match
+    the model's signature: the functions here pass every positional argument after the guide
+    to the model, and their own options are keyword-only."""
+    try:
+        signature = inspect.signature(model)
+    except (TypeError, ValueError):  # no signature to check (some builtins): let it run
+        return
+    try:
+        signature.bind(*args, **kwargs)
+    except TypeError as e:
+        shown = ", ".join([repr(a) if not torch.is_tensor(a) else f"<tensor {tuple(a.shape)}>"
+                           for a in args] + [f"{k}=..." for k in kwargs])
+        raise TypeError(
+            f"{caller}: the model cannot be called with ({shown}): {e}. Every positional "
+            f"argument after the guide goes to the model and the options are keyword-only: "
+            f"{caller}(model, guide, *model_args, num_samples=..., **model_kwargs)") from None
 
 
 def _max_plate_nesting(model, guide, args, kwargs):
@@ -60,7 +81,7 @@ def _sequential_log_weights(model, guide, num_samples, args, kwargs):
 
 
 @torch.no_grad()
-def log_importance_weights(model, guide, num_samples=1000, *args, **kwargs):
+def log_importance_weights(model, guide, *args, num_samples=1000, **kwargs):
     r"""Log importance weights :math:`\log w_s = \log p(x, \theta_s) - \log q(\theta_s)`,
     :math:`\theta_s \sim q`.
 
@@ -70,12 +91,14 @@ def log_importance_weights(model, guide, num_samples=1000, *args, **kwargs):
     Args:
         model: the Pyro model.
         guide: a trained guide for it (any Pyro guide).
-        num_samples: number of draws ``S``.
-        *args, **kwargs: the model's arguments.
+        *args: the model's positional arguments.
+        num_samples: number of draws ``S`` (keyword-only).
+        **kwargs: the model's keyword arguments.
     Returns: a ``(S,)`` tensor.
     """
-    if not (isinstance(num_samples, int) and num_samples >= 2):
+    if isinstance(num_samples, bool) or not (isinstance(num_samples, int) and num_samples >= 2):
         raise ValueError(f"num_samples must be an integer >= 2, got {num_samples!r}")
+    check_model_args("log_importance_weights", model, args, kwargs)
     with poutine.block():
         try:
             nesting = _max_plate_nesting(model, guide, args, kwargs)
@@ -99,7 +122,7 @@ def _khat(log_w):
     return float(k)
 
 
-def psis_khat(model, guide, num_samples=1000, *args, **kwargs):
+def psis_khat(model, guide, *args, num_samples=1000, **kwargs):
     r"""Pareto-smoothed importance sampling :math:`\hat k` of the guide (Yao et al., 2018).
 
     Fits a generalized Pareto to the upper tail of :math:`w = p(x,\theta)/q(\theta)`,
@@ -108,25 +131,34 @@ def psis_khat(model, guide, num_samples=1000, *args, **kwargs):
 
     Args:
         model, guide: the Pyro model and a trained guide.
-        num_samples: draws ``S`` (a few hundred at least; 1000 by default).
-        *args, **kwargs: the model's arguments.
+        *args: the model's positional arguments.
+        num_samples: draws ``S`` (keyword-only; a few hundred at least, 1000 by default).
+        **kwargs: the model's keyword arguments.
     Returns: :math:`\hat k` as a float.
     References: Yes, but Did It Work?: Evaluating Variational Inference,
     https://arxiv.org/abs/1802.02538
     """
-    return _khat(log_importance_weights(model, guide, num_samples, *args, **kwargs))
+    check_model_args("psis_khat", model, args, kwargs)
+    return _khat(log_importance_weights(model, guide, *args, num_samples=num_samples, **kwargs))
 
 
-def log_evidence(model, guide, num_samples=1000, *args, **kwargs):
+def log_evidence(model, guide, *args, num_samples=1000, **kwargs):
     r"""Importance-weighted log-evidence estimate and the ELBO from the same draws.
 
     :math:`\log \hat p(x) = \log \frac1S \sum_s w_s` (a stochastic lower bound, tight as
     :math:`S \to \infty`); :math:`\mathrm{ELBO} = \frac1S \sum_s \log w_s`.
 
+    Args:
+        model, guide: the Pyro model and a trained guide.
+        *args: the model's positional arguments.
+        num_samples: draws ``S`` (keyword-only).
+        **kwargs: the model's keyword arguments.
     Returns: a dict with ``log_evidence``, ``elbo``, ``elbo_se`` (standard error), ``khat``
     and ``ess`` (importance-sampling effective sample size), all floats.
     """
-    log_w = log_importance_weights(model, guide, num_samples, *args, **kwargs).double()
+    check_model_args("log_evidence", model, args, kwargs)
+    log_w = log_importance_weights(model, guide, *args, num_samples=num_samples,
+                                   **kwargs).double()
     finite = log_w[torch.isfinite(log_w)]
     n = log_w.numel()
     lse = torch.logsumexp(log_w, 0)
@@ -144,8 +176,8 @@ def _to_numpy(value):
     return np.asarray(value)
 
 
-def to_inference_data(source, num_chains=None, model=None, guide=None, num_samples=1000,
-                      *args, **kwargs):
+def to_inference_data(source, *model_args, num_chains=None, model=None, guide=None,
+                      num_samples=1000, **model_kwargs):
     r"""An arviz ``InferenceData`` from MCMC or guide draws, so ``az.summary`` and
     ``az.plot_trace`` work.
 
@@ -154,30 +186,51 @@ def to_inference_data(source, num_chains=None, model=None, guide=None, num_sampl
             ``(chains, draws, *site)`` (pass ``num_chains=1`` for ``(draws, *site)``), an
             existing ``InferenceData`` (returned as is), or ``None`` with ``model`` and
             ``guide`` to draw ``num_samples`` from the guide (``pyro.infer.Predictive``).
-        num_chains: split ``(chains * draws, *site)`` arrays into this many chains.
+        *model_args: the model's positional arguments (``source=None`` only).
+        num_chains: split ``(chains * draws, *site)`` arrays into this many chains
+            (keyword-only, like every option after ``source``).
+        model, guide, num_samples: what to draw from when ``source`` is ``None``.
+        **model_kwargs: the model's keyword arguments (``source=None`` only).
     Returns: ``arviz.InferenceData`` with a ``posterior`` group.
+
+    Example:
+        >>> import torch
+        >>> idata = to_inference_data({"a": torch.zeros(6, 2)}, num_chains=3)
+        >>> idata.posterior["a"].shape
+        (3, 2, 2)
     """
     if isinstance(source, az.InferenceData):
         return source
+    if source is not None and (model_args or model_kwargs):
+        raise TypeError("to_inference_data: model arguments are only used with source=None "
+                        f"(drawing from a guide), got source={type(source).__name__} and "
+                        f"{len(model_args)} positional, {len(model_kwargs)} keyword model "
+                        "arguments; options such as num_chains are keyword-only")
+    if num_chains is not None and (isinstance(num_chains, bool) or not isinstance(
+            num_chains, int) or num_chains < 1):
+        raise ValueError(f"num_chains must be a positive integer, got {num_chains!r}")
     if source is None:
         if model is None or guide is None:
             raise ValueError("to_inference_data(None, ...) needs model= and guide= to draw "
                              "from the guide")
-        names = None
-        if hasattr(guide, "prototype_trace") and guide.prototype_trace is not None:
+        if isinstance(num_samples, bool) or not (isinstance(num_samples, int)
+                                                 and num_samples >= 1):
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        check_model_args("to_inference_data", model, model_args, model_kwargs)
+        if getattr(guide, "prototype_trace", None) is not None:
+            nodes = guide.prototype_trace.nodes
             names = [n for n, _ in guide.prototype_trace.iter_stochastic_nodes()]
+        else:  # any other guide: its latent sites and their shapes from one trace
+            with poutine.block():
+                nodes = poutine.trace(guide).get_trace(*model_args, **model_kwargs).nodes
+            names = [n for n, s in nodes.items() if s["type"] == "sample"
+                     and not s["is_observed"] and not n.startswith("_")]
         with torch.no_grad():
             draws = pyro.infer.Predictive(model, guide=guide, num_samples=num_samples,
-                                          return_sites=names)(*args, **kwargs)
-        if names is None:  # keep latent sites only
-            trace = poutine.trace(guide).get_trace(*args, **kwargs)
-            names = [n for n, s in trace.nodes.items() if s["type"] == "sample"
-                     and not s["is_observed"] and not n.startswith("_")]
-        source = {k: v for k, v in draws.items() if k in names}
-        if getattr(guide, "prototype_trace", None) is not None:  # drop plate singleton dims
-            nodes = guide.prototype_trace.nodes
-            source = {k: v.reshape((num_samples,) + nodes[k]["value"].shape)
-                      for k, v in source.items()}
+                                          return_sites=names)(*model_args, **model_kwargs)
+        # Predictive pads each draw with the plate dimensions: back to the site's own shape
+        source = {k: draws[k].reshape((num_samples,) + nodes[k]["value"].shape)
+                  for k in names if k in draws}
         num_chains = 1
     if hasattr(source, "get_samples") and hasattr(source, "num_chains"):
         samples = source.get_samples(group_by_chain=True)
@@ -189,7 +242,7 @@ def to_inference_data(source, num_chains=None, model=None, guide=None, num_sampl
     data = {}
     for name, value in source.items():
         value = _to_numpy(value)
-        if num_chains:
+        if num_chains is not None:
             if value.shape[0] % num_chains:
                 raise ValueError(f"site {name!r}: {value.shape[0]} draws do not split into "
                                  f"{num_chains} chains")

@@ -21,22 +21,22 @@ def fixed_guide(loc, cov):
 
 def test_khat_and_evidence_exact_guide():
     model, mu, cov, log_z = make_regression()
-    est = diagnostics.log_evidence(model, fixed_guide(mu, cov), 500)
+    est = diagnostics.log_evidence(model, fixed_guide(mu, cov), num_samples=500)
     # q equals the posterior: every weight is p(y), so every estimate is exact
     assert abs(est["log_evidence"] - log_z) < 1e-6
     assert abs(est["elbo"] - log_z) < 1e-6
     assert abs(est["ess"] - 500) < 1e-3
-    assert diagnostics.psis_khat(model, fixed_guide(mu, cov), 500) < 0.5
+    assert diagnostics.psis_khat(model, fixed_guide(mu, cov), num_samples=500) < 0.5
 
 
 def test_khat_good_vs_too_narrow_guide():
     model, mu, cov, log_z = make_regression()
-    wide = diagnostics.psis_khat(model, fixed_guide(mu, 1.3 * cov), 2000)
-    narrow = diagnostics.psis_khat(model, fixed_guide(mu, 0.05 * cov), 2000)
+    wide = diagnostics.psis_khat(model, fixed_guide(mu, 1.3 * cov), num_samples=2000)
+    narrow = diagnostics.psis_khat(model, fixed_guide(mu, 0.05 * cov), num_samples=2000)
     assert wide < 0.5
     assert narrow > 0.7
     # a wider-than-posterior proposal gives an importance estimate close to the truth
-    est = diagnostics.log_evidence(model, fixed_guide(mu, 1.3 * cov), 4000)
+    est = diagnostics.log_evidence(model, fixed_guide(mu, 1.3 * cov), num_samples=4000)
     assert abs(est["log_evidence"] - log_z) < 0.05
     assert est["elbo"] < log_z
 
@@ -52,7 +52,7 @@ def test_sequential_fallback_for_unvectorizable_model():
         w = pyro.sample("w", dist.Normal(torch.zeros(3, dtype=mu.dtype), 1.0).to_event(1))
         pyro.sample("y", dist.Normal(x @ w, 0.5).to_event(1), obs=y)
 
-    lw = diagnostics.log_importance_weights(model, fixed_guide(mu, cov), 20)
+    lw = diagnostics.log_importance_weights(model, fixed_guide(mu, cov), num_samples=20)
     assert lw.shape == (20,)
     torch.testing.assert_close(lw, torch.full_like(lw, log_z))
 
@@ -81,10 +81,79 @@ def test_to_inference_data_sources(tmp_path):
 def test_bad_input():
     model, mu, cov, _ = make_regression()
     with pytest.raises(ValueError, match="num_samples"):
-        diagnostics.psis_khat(model, fixed_guide(mu, cov), 1)
+        diagnostics.psis_khat(model, fixed_guide(mu, cov), num_samples=1)
     with pytest.raises(TypeError, match="MCMC, a dict"):
         diagnostics.to_inference_data([1, 2])
     with pytest.raises(ValueError, match="do not split"):
         diagnostics.to_inference_data({"a": torch.randn(5)}, num_chains=2)
     with pytest.raises(ValueError, match="model= and guide="):
         diagnostics.to_inference_data(None)
+
+
+def regression_data(n=30, seed=5, dtype=torch.float64):
+    """A model whose data are positional arguments, with the exact posterior and evidence for
+    the data it is given (closed form, independent of Pyro)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 2, generator=g, dtype=dtype)
+    y = x @ torch.tensor([0.7, -1.5], dtype=dtype) + 0.5 * torch.randn(n, generator=g,
+                                                                       dtype=dtype)
+
+    def model(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(2, dtype=dtype), 1.0).to_event(1))
+        with pyro.plate("data", len(x)):
+            pyro.sample("y", dist.Normal((x * w.unsqueeze(-2)).sum(-1), 0.5), obs=y)
+
+    cov = torch.linalg.inv(torch.eye(2, dtype=dtype) + x.T @ x / 0.25)
+    mu = cov @ x.T @ y / 0.25
+    marg = x @ x.T + 0.25 * torch.eye(n, dtype=dtype)
+    log_z = torch.distributions.MultivariateNormal(torch.zeros(n, dtype=dtype), marg).log_prob(y)
+    return model, x, y, mu, cov, float(log_z)
+
+
+def positional_guide(loc, cov):
+    def guide(x, y):
+        pyro.sample("w", dist.MultivariateNormal(loc, cov))
+
+    return guide
+
+
+def test_model_with_positional_data():
+    model, x, y, mu, cov, log_z = regression_data()
+    guide = positional_guide(mu, cov)
+    # the exact posterior as proposal: every weight is p(y | x), so the estimate is exact
+    est = diagnostics.log_evidence(model, guide, x, y, num_samples=300)
+    assert abs(est["log_evidence"] - log_z) < 1e-6 and abs(est["elbo"] - log_z) < 1e-6
+    assert diagnostics.psis_khat(model, guide, x, y, num_samples=300) < 0.5
+    # keyword data, and the sequential path (one trace per draw) get the same arguments
+    lw = diagnostics.log_importance_weights(model, guide, x, y=y, num_samples=10)
+    torch.testing.assert_close(lw, torch.full_like(lw, log_z))
+    lw = diagnostics._sequential_log_weights(model, guide, 5, (x, y), {})
+    torch.testing.assert_close(lw, torch.full_like(lw, log_z))
+    # a different data set gives its own evidence: the data really reach the model
+    other = regression_data(seed=6)
+    est = diagnostics.log_evidence(model, positional_guide(*other[3:5]), *other[1:3],
+                                   num_samples=50)
+    assert abs(est["log_evidence"] - other[5]) < 1e-6 and abs(other[5] - log_z) > 1.0
+
+    idata = diagnostics.to_inference_data(None, x, y, model=model, guide=guide, num_samples=25)
+    assert idata.posterior["w"].shape == (1, 25, 2)
+
+
+def test_options_passed_positionally_fail_clearly():
+    model, x, y, mu, cov, _ = regression_data()
+    guide = positional_guide(mu, cov)
+    # the old calling convention: a count where the model's data go
+    with pytest.raises(TypeError, match=r"log_evidence: the model cannot be called with "
+                                        r"\(500\).*options are keyword-only"):
+        diagnostics.log_evidence(model, guide, 500)
+    with pytest.raises(TypeError, match=r"psis_khat: .*\(<tensor \(30, 2\)>, <tensor \(30,\)>, "
+                                        r"1000\)"):
+        diagnostics.psis_khat(model, guide, x, y, 1000)
+    with pytest.raises(TypeError, match="psis_khat: .*unexpected keyword argument 'num_sample'"):
+        diagnostics.psis_khat(model, guide, x, y, num_sample=100)  # a typo is no model argument
+    with pytest.raises(TypeError, match="only used with source=None.*keyword-only"):
+        diagnostics.to_inference_data({"a": torch.randn(40, 2)}, 2)
+    with pytest.raises(TypeError, match="to_inference_data: the model cannot be called"):
+        diagnostics.to_inference_data(None, x, model=model, guide=guide, num_samples=5)
+    with pytest.raises(ValueError, match="num_chains must be a positive integer"):
+        diagnostics.to_inference_data({"a": torch.randn(40, 2)}, num_chains=0)

@@ -57,7 +57,7 @@ def check_conjugate(steps, lr, mean_tol, cov_tol, elbo_tol, particles=4):
     assert ((torch.cov(w.T) - cov).abs() / sd.outer(sd)).max() < cov_tol, (torch.cov(w.T), cov)
     from pyro_flows_ext.diagnostics import log_evidence
 
-    est = log_evidence(model, guide, 4000)
+    est = log_evidence(model, guide, num_samples=4000)
     assert est["elbo"] <= log_z + 4 * est["elbo_se"]
     assert log_z - est["elbo"] < elbo_tol, (est, log_z)
     assert abs(est["log_evidence"] - log_z) < elbo_tol

@@ -68,6 +68,43 @@ def test_neutra_two_chains_eight_schools():
     assert all(p.requires_grad for p in guide.parameters())  # restored after sampling
 
 
+def test_model_with_positional_data():
+    """``neutra_mcmc(model, guide, x, y, num_samples=...)`` runs ``model(x, y)``: draws match
+    the exact posterior of the data given (a different data set, a different posterior)."""
+    from tests.test_diagnostics import regression_data
+
+    model, x, y, mu, cov, _ = regression_data(n=30, dtype=torch.float32)
+    guide = AutoFlowGuide(model, flow=())  # one site: LocScale only
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 5e-2}), Trace_ELBO())
+    for _ in range(300):
+        svi.step(x, y)
+    result = neutra_mcmc(model, guide, x, y, num_samples=300, warmup_steps=150, seed=0,
+                         max_tree_depth=4)
+    w = result.samples["w"]
+    assert w.shape == (300, 2)
+    sd = cov.diagonal().sqrt()
+    # the draws are autocorrelated: allow an effective sample size of 50
+    assert ((w.mean(0) - mu).abs() < 4 * sd / 50 ** 0.5).all(), (w.mean(0), mu)
+    assert ((w.std(0) / sd - 1).abs() < 0.35).all(), (w.std(0), sd)
+    # keyword data reach the model the same way
+    result = neutra_mcmc(model, guide, x, y=y, num_samples=20, warmup_steps=10, seed=0,
+                         max_tree_depth=3)
+    assert result.samples["w"].shape == (20, 2)
+
+
+def test_options_passed_positionally_fail_clearly():
+    funnel = load_example("funnel")
+    guide = AutoFlowGuide(funnel.model)
+    # the old calling convention neutra_mcmc(model, guide, num_samples, warmup_steps): the
+    # funnel takes one argument (dim), so two positional numbers cannot be its arguments
+    with pytest.raises(TypeError, match=r"neutra_mcmc: the model cannot be called with "
+                                        r"\(10, 10\).*options are keyword-only"):
+        neutra_mcmc(funnel.model, guide, 10, 10)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'warmup'"):
+        neutra_mcmc(funnel.model, guide, num_samples=10, warmup=10)
+    assert guide.prototype_trace is None  # refused before anything ran
+
+
 class Coin(FlowLayer):
     """A tiny non-bijective layer: flips the sign of the event at random (Abs's inverse)."""
 
@@ -91,12 +128,17 @@ def test_refuses_non_bijective_layer():
                                                          Coin(d)])
     guide()
     with pytest.raises(ValueError, match=r"layer 1 \(Coin\) is not bijective"):
-        neutra_mcmc(funnel.model, guide, 10, 10)
+        neutra_mcmc(funnel.model, guide, num_samples=10, warmup_steps=10)
 
 
 def test_bad_input():
     funnel = load_example("funnel")
     with pytest.raises(TypeError, match="AutoContinuous"):
-        neutra_mcmc(funnel.model, pyro.infer.autoguide.AutoNormal(funnel.model), 10, 10)
-    with pytest.raises(ValueError, match="num_samples"):
-        neutra_mcmc(funnel.model, AutoFlowGuide(funnel.model), 0, 10)
+        neutra_mcmc(funnel.model, pyro.infer.autoguide.AutoNormal(funnel.model),
+                    num_samples=10, warmup_steps=10)
+    with pytest.raises(ValueError, match="num_samples must be a positive integer"):
+        neutra_mcmc(funnel.model, AutoFlowGuide(funnel.model), num_samples=0, warmup_steps=10)
+    with pytest.raises(ValueError, match="warmup_steps must be a non-negative integer"):
+        neutra_mcmc(funnel.model, AutoFlowGuide(funnel.model), warmup_steps=-1)
+    with pytest.raises(ValueError, match="num_chains must be a positive integer, got True"):
+        neutra_mcmc(funnel.model, AutoFlowGuide(funnel.model), num_chains=True)

@@ -64,9 +64,9 @@ def check_deterministic(guide):
                 "NUTS needs a deterministic potential: rebuild the guide without it")
 
 
-def neutra_mcmc(model, guide, num_samples=1000, warmup_steps=500, num_chains=1, *args,
-                model_args=(), model_kwargs=None, seed=None, target_accept_prob=0.8,
-                max_tree_depth=10, progress=False, **kwargs):
+def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, num_chains=1,
+                seed=None, target_accept_prob=0.8, max_tree_depth=10, progress=False,
+                **model_kwargs):
     r"""NUTS on the model reparameterised by a trained flow guide (NeuTra, Hoffman et al. 2019).
 
     With the guide's map :math:`\theta = f(z)`, NUTS samples
@@ -74,31 +74,40 @@ def neutra_mcmc(model, guide, num_samples=1000, warmup_steps=500, num_chains=1, 
     :math:`N(0, I)` when the guide is good; draws are mapped back through :math:`f` and each
     site's support transform. Chains run one after another in this process.
 
+    Everything after ``guide`` that is positional goes to the model, and the options are
+    keyword-only: ``neutra_mcmc(model, guide, x, y, num_samples=500)`` runs ``model(x, y)``.
+
     Args:
         model: the Pyro model (its observed sites stay observed).
         guide: a trained :class:`~pyro.infer.autoguide.AutoContinuous`
             (e.g. :class:`~pyro_flows_ext.infer.AutoFlowGuide`) of deterministic bijections.
+        *model_args: the model's positional arguments.
         num_samples: draws per chain kept after warmup.
         warmup_steps: adaptation steps per chain.
         num_chains: number of chains.
-        *args: the model's positional arguments (or pass ``model_args=``).
-        model_kwargs: the model's keyword arguments.
         seed: seeds ``pyro.set_rng_seed`` once before the first chain.
         target_accept_prob, max_tree_depth: NUTS settings.
         progress: show Pyro's progress bar.
-        **kwargs: more model keyword arguments.
+        **model_kwargs: the model's keyword arguments.
     Returns: a :class:`NeuTraResult`.
+    Raises: ``TypeError`` when the model does not accept ``model_args``/``model_kwargs``
+    (e.g. options passed positionally, as in ``neutra_mcmc(model, guide, 1000, 500)`` for a
+    model without arguments).
     References: NeuTra-lizing Bad Geometry in Hamiltonian Monte Carlo Using Neural Transport,
     https://arxiv.org/abs/1903.03704
     """
+    from ..diagnostics import check_model_args, to_inference_data  # arviz only when needed
+
     for name, value in (("num_samples", num_samples), ("warmup_steps", warmup_steps),
                         ("num_chains", num_chains)):
-        if not isinstance(value, int) or value < (0 if name == "warmup_steps" else 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    args = tuple(args) or tuple(model_args)
-    kwargs = {**(model_kwargs or {}), **kwargs}
+        if (isinstance(value, bool) or not isinstance(value, int)
+                or value < (0 if name == "warmup_steps" else 1)):
+            raise ValueError(f"{name} must be a "
+                             f"{'non-negative' if name == 'warmup_steps' else 'positive'} "
+                             f"integer, got {value!r}")
+    check_model_args("neutra_mcmc", model, model_args, model_kwargs)
     if isinstance(guide, AutoContinuous) and guide.prototype_trace is None:
-        guide(*args, **kwargs)
+        guide(*model_args, **model_kwargs)
     check_deterministic(guide)
     latent_names = {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
     if seed is not None:
@@ -117,7 +126,7 @@ def neutra_mcmc(model, guide, num_samples=1000, warmup_steps=500, num_chains=1, 
                           max_tree_depth=max_tree_depth)
             mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
                         disable_progbar=not progress)
-            mcmc.run(*args, **kwargs)
+            mcmc.run(*model_args, **model_kwargs)
             (latent,) = mcmc.get_samples().values()
             runs.append(mcmc)
             latents.append(latent)
@@ -139,8 +148,6 @@ def neutra_mcmc(model, guide, num_samples=1000, warmup_steps=500, num_chains=1, 
         for p, g in zip(guide.parameters(), grads):
             p.requires_grad_(g)
     samples = {k: v.detach() for k, v in flat.items()}
-    from ..diagnostics import to_inference_data  # arviz only when needed
-
     idata = to_inference_data(samples, num_chains=num_chains)
     idata.add_groups(sample_stats={"diverging": torch.stack(diverging).numpy()})
     return NeuTraResult(samples, idata, latent.detach(), int(torch.stack(diverging).sum()),
