@@ -27,6 +27,17 @@ def _map_tensors(obj, fn):
     return new
 
 
+def _reference_tensor(transforms):
+    """The first floating parameter or buffer of the layers (for device and dtype), else an
+    empty tensor of the default dtype on the CPU."""
+    for t in transforms:
+        if isinstance(t, nn.Module):
+            for tensor in (*t.parameters(), *t.buffers()):
+                if tensor.is_floating_point():
+                    return tensor
+    return torch.empty(0)
+
+
 class Flow(dist.TransformedDistribution, nn.Module):
     r"""A normalizing flow: ``base`` pushed through ``transforms`` (generative order, z -> x).
 
@@ -40,7 +51,8 @@ class Flow(dist.TransformedDistribution, nn.Module):
     draw; ``x.clone()`` draws again.
 
     Args:
-        base: base distribution; ``None`` is a standard normal over the first layer's input.
+        base: base distribution; ``None`` is a standard normal over the first layer's input,
+            on the layers' device and in their dtype (it follows ``.to()``).
         transforms: layers in generative order (any ``torch.distributions.Transform``).
         event_shape: base event shape when ``base`` is None and the first layer cannot tell
             (image layers).
@@ -60,8 +72,9 @@ class Flow(dist.TransformedDistribution, nn.Module):
                 event_shape = transforms[0].base_event_shape()
             event_shape = torch.Size([event_shape] if isinstance(event_shape, int)
                                      else event_shape)
-            base = dist.Normal(torch.zeros(event_shape), torch.ones(event_shape))
-            base = base.to_event(len(event_shape))
+            ref = _reference_tensor(transforms)  # the base follows the layers' device/dtype
+            loc = torch.zeros(event_shape, dtype=ref.dtype, device=ref.device)
+            base = dist.Normal(loc, torch.ones_like(loc)).to_event(len(event_shape))
             standard_normal = True
         else:
             standard_normal = False
@@ -91,9 +104,20 @@ class Flow(dist.TransformedDistribution, nn.Module):
         return all(getattr(t, "exact", t.bijective) for t in self.transforms)
 
     def expand(self, batch_shape, _instance=None):
-        # pyro.plate expands site distributions; the expanded view shares layers and caches.
-        new = dist.TransformedDistribution.__new__(dist.TransformedDistribution)
-        return dist.TransformedDistribution.expand(self, batch_shape, _instance=new)
+        """A :class:`Flow` with the base expanded to ``batch_shape`` (what ``pyro.plate`` calls):
+        it shares the layers (and their caches) and keeps the checks, the fast path,
+        ``sample_and_log_prob`` and ``is_exact``."""
+        batch_shape = torch.Size(batch_shape)
+        if batch_shape == self.batch_shape:
+            return self
+        shape = batch_shape + self.event_shape
+        for t in reversed(self.transforms):
+            shape = t.inverse_shape(shape)
+        base_batch = shape[: len(shape) - len(self.base_dist.event_shape)]
+        new = Flow(self.base_dist.expand(base_batch), self.transforms,
+                   validate_args=self._validate_args)
+        new._standard_normal, new._log_norm = self._standard_normal, self._log_norm
+        return new
 
     def _event_dims(self):
         """Event dims at the input of each layer (base side first), then the data side."""

@@ -22,13 +22,14 @@ class MADE(nn.Module):
             (default ``0, 1, ..., D-1``).
         activation: activation module class.
         zero_init: zero the output layer (the flow layer then starts at the identity).
-    Shapes: ``x`` ``(*batch, D)``, ``context`` ``(*batch, C)`` -> ``(*batch, D, P)``.
+        readout_scale: multiplies the output layer (see :class:`MLP`).
+    Shapes: ``x`` ``(*batch, D)``, ``context`` ``(*batch', C)`` -> ``(*broadcast batch, D, P)``.
 
     References: Germain, Gregor, Murray, Larochelle. MADE. ICML 2015.
     """
 
     def __init__(self, dim, params, hidden_dims=(64, 64), context_dim=0, order=None,
-                 activation=nn.ReLU, zero_init=True):
+                 activation=nn.ReLU, zero_init=True, readout_scale=1.0):
         super().__init__()
         order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
         if sorted(order.tolist()) != list(range(dim)):
@@ -47,7 +48,8 @@ class MADE(nn.Module):
             prev = deg
         out_deg = rank.repeat_interleave(params)  # output j * P + p belongs to variable j
         masks.append(out_deg[:, None] > prev[None, :])
-        self.net = MLP(len(in_deg), dim * params, tuple(hidden_dims), activation, zero_init, masks)
+        self.net = MLP(len(in_deg), dim * params, tuple(hidden_dims), activation, zero_init, masks,
+                       readout_scale)
         # a direct context -> output path: the first variable in `order` has no hidden unit
         # it may read, but its outputs must still see the context
         self.context_out = (nn.Linear(context_dim, dim * params, bias=False) if context_dim
@@ -56,13 +58,12 @@ class MADE(nn.Module):
             nn.init.zeros_(self.context_out.weight)
 
     def forward(self, x, context=None):
-        batch = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])
-        if self.context_dim:
-            if context is None:
-                raise ValueError(f"MADE has context_dim={self.context_dim}: pass context=...")
-            context = context.expand(batch + context.shape[-1:]).reshape(-1, self.context_dim)
-            y = self.net(torch.cat([x, context], dim=-1)) + self.context_out(context)
-        else:
-            y = self.net(x)
+        if not self.context_dim:
+            return self.net(x).unflatten(-1, (self.dim, self.params))
+        if context is None:
+            raise ValueError(f"MADE has context_dim={self.context_dim}: pass context=...")
+        batch = torch.broadcast_shapes(x.shape[:-1], context.shape[:-1])
+        x = x.expand(batch + x.shape[-1:]).reshape(-1, x.shape[-1])
+        context = context.expand(batch + context.shape[-1:]).reshape(-1, self.context_dim)
+        y = self.net(torch.cat([x, context], dim=-1)) + self.context_out(context)
         return y.reshape(batch + (self.dim, self.params))

@@ -22,12 +22,19 @@ class MLP(nn.Module):
         zero_init: zero the last layer, so a conditioner starts at the identity map.
         masks: optional fixed 0/1 ``(out, in)`` masks, one per layer, multiplied into the
             weights (MADE's masked layers).
+        readout_scale: ``c`` in the last layer's ``c (W h + b)``. Adam moves every weight by
+            about ``lr`` per step whatever its gradient's size, so a zero-initialised readout
+            over ``H`` hidden units moves the output by about ``lr * H * E|h|`` per step;
+            ``c = 1 / H`` (muP's readout scaling) makes that independent of the width (guides
+            use it). Saved in the ``state_dict``.
     Shapes: ``(*batch, in_dim) -> (*batch, out_dim)``.
     """
 
     def __init__(self, in_dim, out_dim, hidden_dims=(64, 64), activation=nn.ReLU, zero_init=True,
-                 masks=None):
+                 masks=None, readout_scale=1.0):
         super().__init__()
+        self.readout_scale = float(readout_scale)
+        self.register_buffer("readout", torch.tensor(self.readout_scale))
         sizes = [in_dim, *hidden_dims, out_dim]
         self.shapes = [(n_out, n_in) for n_in, n_out in zip(sizes[:-1], sizes[1:])]
         chunks = []
@@ -72,8 +79,10 @@ class MLP(nn.Module):
                 h = torch.addmm(bias, h, weight.t(), beta=c, alpha=c)
         return h.reshape(batch + h.shape[-1:])
 
-    #: multiplies the last layer's output, ``c (W h + b)``. Adam moves every weight by about
-    #: ``lr`` per step whatever its gradient's size, so a zero-initialised readout over ``H``
-    #: hidden units moves the output by about ``lr * H * E|h|`` per step; ``c = 1 / H``
-    #: (muP's readout scaling) makes that independent of the width.
-    readout_scale = 1.0
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing, *args):
+        key = prefix + "readout"
+        if key not in state_dict:  # files saved before the scale was a buffer: keep the built one
+            state_dict = {**state_dict, key: self.readout.detach().clone()}
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, *args)
+        if not self.readout.is_meta:
+            self.readout_scale = float(self.readout)

@@ -1,33 +1,40 @@
-"""Bijective layers; each is a :class:`pyro.distributions.TransformModule`."""
+"""Bijective layers; each is a :class:`pyro.distributions.TransformModule`.
+
+Schemes (:class:`Coupling`, :class:`MaskedAutoregressive`) take any element map
+(:class:`Affine`, :class:`RationalQuadratic`, or your own :class:`ElementMap`)."""
 
 from .autograd import AutogradBijection
+from .autoregressive import MaskedAutoregressive
 from .conv import InvertibleConv1x1
-from .coupling import AffineCoupling
+from .coupling import AffineCoupling, Coupling, SplineCoupling
+from .element_maps import Affine, ElementMap, RationalQuadratic
 from .elementwise import Exp
 from .norm import ActNorm, InvertibleBatchNorm
 from .permute import Permute, Reverse
+from .preprocess import CholeskyAffine, Standardize
+from .residual import ResidualBlock
+from .spline import RationalQuadraticSpline
 
 ADBijector = AutogradBijection  # the tutorial's name
 
 __all__ = [
     "ADBijector",
     "ActNorm",
+    "Affine",
     "AffineCoupling",
     "AutogradBijection",
+    "CholeskyAffine",
+    "Coupling",
+    "ElementMap",
     "Exp",
     "InvertibleBatchNorm",
     "InvertibleConv1x1",
+    "MaskedAutoregressive",
     "Permute",
+    "RationalQuadratic",
+    "RationalQuadraticSpline",
+    "ResidualBlock",
     "Reverse",
+    "SplineCoupling",
+    "Standardize",
 ]
-
-from .autoregressive import MaskedAutoregressive  # noqa: E402
-from .spline import RationalQuadraticSpline, SplineCoupling  # noqa: E402
-
-__all__ += ["MaskedAutoregressive", "RationalQuadraticSpline", "SplineCoupling"]
-from .residual import ResidualBlock  # noqa: E402
-
-__all__ += ["ResidualBlock"]
-from .preprocess import CholeskyAffine, Standardize  # noqa: E402
-
-__all__ += ["CholeskyAffine", "Standardize"]

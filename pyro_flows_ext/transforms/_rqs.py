@@ -50,44 +50,41 @@ def num_params(count_bins):
     return 3 * count_bins - 1
 
 
-_MAPS = {}
-
-
-def _table_map(k, bound, dtype, device, min_bin, min_deriv):
-    r"""``(M, c)`` with ``table = v @ M + c`` for ``v = [softmax pairs (2K), inner derivs (K-1)]``.
+def table_map(k, bound, min_bin=MIN_BIN, min_deriv=MIN_DERIV):
+    r"""``(M, c)`` in float64 with ``table = v @ M + c`` for
+    ``v = [softmax pairs (2K), inner derivs (K-1)]``.
 
     Widths :math:`w_k = 2B(m + (1 - mK) p_k)`, left edges
     :math:`x_k = -B + 2B(mk + (1 - mK)\sum_{j<k} p_j)` (exactly ``-B`` for ``k = 0``), and the
-    derivative row ``[1, d_1..d_{K-1} | d_1..d_{K-1}, 1]``. Cached per (K, B, dtype, device).
+    derivative row ``[1, d_1..d_{K-1} | d_1..d_{K-1}, 1]``. Layers keep it as a buffer
+    (:class:`~pyro_flows_ext.transforms.RationalQuadratic`); nothing is cached here.
     """
-    key = (k, bound, dtype, device, min_bin, min_deriv)
-    if key not in _MAPS:
-        scale = 2 * bound * (1 - min_bin * k)
-        m = torch.zeros(3 * k - 1, 3, 2 * k, dtype=torch.float64)
-        c = torch.zeros(3, 2 * k, dtype=torch.float64)
-        for row in (0, 1):  # row 0: widths / x, row 1: heights / y; pairs interleaved in v
-            for j in range(k):
-                m[2 * j + row, row, j] = scale
-                m[2 * j + row, row, k + j + 1:] = scale
-            c[row, :k] = 2 * bound * min_bin
-            c[row, k:] = -bound + 2 * bound * min_bin * torch.arange(k, dtype=torch.float64)
-        for j in range(k - 1):  # interior derivative d_{j+1}
-            m[2 * k + j, 2, j + 1] = 1.0
-            m[2 * k + j, 2, k + j] = 1.0
-        c[2] = min_deriv
-        c[2, 0] = c[2, -1] = 1.0
-        _MAPS[key] = (m.flatten(1).to(dtype=dtype, device=device),
-                      c.flatten().to(dtype=dtype, device=device))
-    return _MAPS[key]
+    scale = 2 * bound * (1 - min_bin * k)
+    m = torch.zeros(3 * k - 1, 3, 2 * k, dtype=torch.float64)
+    c = torch.zeros(3, 2 * k, dtype=torch.float64)
+    for row in (0, 1):  # row 0: widths / x, row 1: heights / y; pairs interleaved in v
+        for j in range(k):
+            m[2 * j + row, row, j] = scale
+            m[2 * j + row, row, k + j + 1:] = scale
+        c[row, :k] = 2 * bound * min_bin
+        c[row, k:] = -bound + 2 * bound * min_bin * torch.arange(k, dtype=torch.float64)
+    for j in range(k - 1):  # interior derivative d_{j+1}
+        m[2 * k + j, 2, j + 1] = 1.0
+        m[2 * k + j, 2, k + j] = 1.0
+    c[2] = min_deriv
+    c[2, 0] = c[2, -1] = 1.0
+    return m.flatten(1), c.flatten()
 
 
-def spline_table(raw, bound, min_bin=MIN_BIN, min_deriv=MIN_DERIV):
+def spline_table(raw, bound, maps=None, min_bin=MIN_BIN, min_deriv=MIN_DERIV):
     r"""The per-spline table used by :func:`spline_forward` and :func:`spline_inverse`.
 
     Args:
         raw: ``(..., 3K - 1)``: interleaved (width, height) logits ``[:2K]``, then the
             ``K - 1`` interior derivatives ``[2K:]``.
         bound: half-width ``B`` of the spline interval.
+        maps: ``(M, c)`` from :func:`table_map` in ``raw``'s dtype and device (computed
+            here when omitted).
     Returns:
         ``(..., 3, 2K)``: ``[w_k | x_k]``, ``[h_k | y_k]``, ``[d_k | d_{k+1}]`` for
         ``k = 0..K-1`` (``x_k``, ``y_k`` left/bottom edges; ``d_0 = d_K = 1``).
@@ -98,7 +95,10 @@ def spline_table(raw, bound, min_bin=MIN_BIN, min_deriv=MIN_DERIV):
     pairs = torch.softmax(raw[..., :2 * k].unflatten(-1, (k, 2)), dim=-2)
     inner = F.softplus(raw[..., 2 * k:] + _SHIFT)
     v = torch.cat([pairs.flatten(-2), inner], dim=-1)
-    m, c = _table_map(k, float(bound), raw.dtype, raw.device, min_bin, min_deriv)
+    if maps is None:
+        maps = [t.to(dtype=raw.dtype, device=raw.device)
+                for t in table_map(k, float(bound), min_bin, min_deriv)]
+    m, c = maps
     out = torch.addmm(c, v.reshape(-1, 3 * k - 1), m)
     return out.view(raw.shape[:-1] + (3, 2 * k))
 
@@ -113,7 +113,7 @@ def knots(raw, bound, min_bin=MIN_BIN, min_deriv=MIN_DERIV):
         ``(xs, ys, ds)``, each ``(..., K + 1)``: increasing knots from ``-B`` to ``B`` and
         positive derivatives with ``ds[..., 0] = ds[..., -1] = 1``.
     """
-    t = spline_table(raw, bound, min_bin, min_deriv)
+    t = spline_table(raw, bound, None, min_bin, min_deriv)
     k = t.shape[-1] // 2
     end = torch.full_like(t[..., 0, :1], float(bound))
     xs = torch.cat([t[..., 0, k:], end], dim=-1)
@@ -129,16 +129,6 @@ def table_from_knots(xs, ys, ds):
             torch.cat([ys.diff(dim=-1), ys[..., :-1]], -1),
             torch.cat([ds[..., :-1], ds[..., 1:]], -1)]
     return torch.stack(rows, dim=-2)
-
-
-_OFFSETS = {}
-
-
-def _offsets(k, device):
-    key = (k, device)
-    if key not in _OFFSETS:
-        _OFFSETS[key] = torch.tensor([0, k], device=device)
-    return _OFFSETS[key]
 
 
 def _log_deriv(xi, xi1, t, s, d0, d1, den):
@@ -225,7 +215,7 @@ def _lookup(v, table, row, bound):
     with torch.no_grad():
         edges = table[..., row, k + 1:].contiguous()  # interior edges, sorted
         idx = torch.searchsorted(edges, vc.unsqueeze(-1), right=True)
-        idx = (idx.unsqueeze(-1) + _offsets(k, idx.device)).expand(shape[:-1] + (2,))
+        idx = torch.cat([idx, idx + k], -1).unsqueeze(-2).expand(shape[:-1] + (2,))
     return vc, inside, table.gather(-1, idx).flatten(-2).unbind(-1)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import FlowLayer, check_event_size
+from ..core import FlowLayer
 
 
 class LipSwish(nn.Module):
@@ -206,8 +206,7 @@ class ResidualBlock(FlowLayer):
         return value + surrogate - surrogate.detach()
 
     # -- the two directions ------------------------------------------------------------------
-    def inverse_and_ladj(self, x, context=None):
-        check_event_size(x, self.dim, "ResidualBlock")
+    def inverse_and_ladj(self, x):
         gx, parts = self._forward(x)
         return x + gx, self._logdet(x, parts)
 
@@ -216,8 +215,7 @@ class ResidualBlock(FlowLayer):
             return self.tol
         return 1e-10 if dtype == torch.float64 else 1e-6
 
-    def call_and_ladj(self, z, context=None):
-        check_event_size(z, self.dim, "ResidualBlock")
+    def call_and_ladj(self, z):
         tol = self._tol(z.dtype)
         with torch.no_grad():
             x = z.detach().clone()
