@@ -269,7 +269,7 @@ def initialize_from_data(flow, data, chunk=65_536, visit=None):
             if not torch.isfinite(x).all():
                 warnings.warn(f"initialize_from_data: layer {i} ({type(t).__name__}) produced "
                               "non-finite values; the layers below it were not initialised",
-                              stacklevel=2)
+                              stacklevel=4)
                 break
     finally:
         flow.train(was_training)
