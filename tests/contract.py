@@ -3,7 +3,9 @@
 import copy
 import io
 
+import pyro.distributions as dist
 import pyro.optim
+import pytest
 import torch
 
 import pyro_flows_ext as pfe
@@ -71,10 +73,26 @@ def check_bijection(layer, event_shape, dtype=torch.float64):
     layer.clear_cache()
     torch.testing.assert_close(layer.log_abs_det_jacobian(z, x), ladj, **tol)
 
-    # log-det against the autograd Jacobian in float64
+    # log-det against the autograd Jacobian in float64 (a float32 layer against its float64
+    # copy: the float32 code path is checked against an independent computation too)
     if dtype == torch.float64:
         torch.testing.assert_close(ladj, autograd_ladj(layer, z, event_shape),
                                    atol=1e-7, rtol=1e-6)
+    else:
+        ref = copy.deepcopy(layer).double()
+        expected = autograd_ladj(ref, z.double(), event_shape).to(dtype)
+        torch.testing.assert_close(ladj, expected, atol=2e-4, rtol=2e-4)
+
+    # the shape contract: forward_shape/inverse_shape, and a clear error for a wrong event
+    assert tuple(layer.forward_shape(z.shape)) == tuple(x.shape)
+    assert tuple(layer.inverse_shape(x.shape)) == tuple(z.shape)
+    if getattr(layer, "dim", None) is not None:
+        k = len(event_shape)
+        bad = list(z.shape)
+        bad[-k] += 1
+        for call in (layer, layer.inv):
+            with pytest.raises(ValueError, match="expects events"):
+                call(torch.zeros(bad, dtype=dtype))
 
     # gradients reach every parameter, in both directions
     for direction in ("forward", "inverse") if list(layer.parameters()) else ():
@@ -85,6 +103,15 @@ def check_bijection(layer, event_shape, dtype=torch.float64):
         for name, p in layer.named_parameters():
             assert p.grad is not None, f"{direction}: no gradient reaches {name}"
             assert torch.isfinite(p.grad).all(), f"{direction}: non-finite gradient for {name}"
+
+    # a batched base: log_prob has the (sample, batch) shape and is log p(z) + v per entry
+    base = dist.Normal(torch.zeros(4, *event_shape, dtype=dtype),
+                       torch.ones(4, *event_shape, dtype=dtype)).to_event(len(event_shape))
+    batched = Flow(base, [layer])
+    xb = layer._call(torch.randn(5, 4, *event_shape, dtype=dtype)).detach()
+    zb, vb = layer.inverse_and_ladj(xb)
+    assert batched.batch_shape == (4,) and batched.log_prob(xb).shape == (5, 4)
+    torch.testing.assert_close(batched.log_prob(xb), base.log_prob(zb) + vb, **tol)
 
     # deepcopy and torch.save after rsample (Pyro's own AffineCoupling fails this)
     flow = Flow(None, [layer], event_shape=event_shape)

@@ -9,8 +9,9 @@ from ..core import FlowLayer
 class AutogradBijection(FlowLayer):
     r"""Base for a bijection given by its two maps; the log-det is computed by autograd.
 
-    Subclass and implement ``forward_map(z)`` and ``inverse_map(x)`` for vector events
-    (they must accept a single event of shape ``(D,)``); :math:`\log|\det J|` is the
+    Subclass and implement ``forward_map(z)`` and ``inverse_map(x)`` for vector events of
+    size ``dim`` (``None``: any size; they must accept a single event of shape ``(D,)``);
+    :math:`\log|\det J|` is the
     ``slogdet`` of the Jacobian from :func:`torch.func.jacrev`, vectorised over the batch,
     so it costs ``O(D)`` backward passes and ``O(D^3)`` per event. This is the tutorial's
     ``ADBijector``: the quickest way to a correct layer; write ``call_and_ladj`` by hand
@@ -29,6 +30,10 @@ class AutogradBijection(FlowLayer):
         >>> round(ladj.item(), 4)  # log(4) + log(4)
         2.7726
     """
+
+    def __init__(self, dim=None):
+        super().__init__()
+        self.dim = dim  # event size, checked on every call (None: any)
 
     def forward_map(self, z):
         raise NotImplementedError
