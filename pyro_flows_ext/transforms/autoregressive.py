@@ -12,14 +12,11 @@ __all__ = ["MaskedAutoregressive"]
 class MaskedAutoregressive(FlowLayer):
     r"""Autoregressive layer with a MADE conditioner and any element map :math:`\tau`.
 
-    ``inverse=False`` (MAF, Papamakarios et al. 2017): :math:`x_i = \tau(z_i;\ \theta_i(x_{<i}))`.
-    Scoring (``log_prob``, the data-to-base direction ``inverse_and_ladj``) is **one** MADE
-    pass; sampling (``call_and_ladj``) costs **D** passes. Use it for density estimation.
-
-    ``inverse=True`` (IAF, Kingma et al. 2016): :math:`x_i = \tau(z_i;\ \theta_i(z_{<i}))`.
-    Sampling (``call_and_ladj``, with its log-det) is **one** pass; scoring an arbitrary
-    ``x`` costs **D** passes (a sample just drawn is scored from the cache, free). Use it
-    for variational guides.
+    ``inverse=False`` (MAF, Papamakarios et al. 2017): :math:`x_i = \tau(z_i;\ \theta_i(x_{<i}))`;
+    scoring is **one** MADE pass, sampling **D** passes: for density estimation.
+    ``inverse=True`` (IAF, Kingma et al. 2016): :math:`x_i = \tau(z_i;\ \theta_i(z_{<i}))`;
+    sampling (with its log-det) is one pass, scoring an arbitrary ``x`` costs D passes (a
+    sample just drawn is scored from the cache): for variational guides.
 
     :math:`\log|\det J| = \sum_i \log|\tau'(z_i)|` (triangular Jacobian in ``order``). The
     output layer starts at zero: the layer starts as the identity.
@@ -57,7 +54,7 @@ class MaskedAutoregressive(FlowLayer):
             raise ValueError("element_map must be an ElementMap, 'affine' or 'spline', got "
                              f"{element_map!r}")
         self.dim, self.inverse, self.context_dim = dim, bool(inverse), context_dim
-        self.element_map = element_map
+        self.element_map, self.bound = element_map, element_map.bound
         self.fast_inverse = not self.inverse  # IAF inverts by D passes
         self.stl_stable = element_map.stl_stable
         self.made = MADE(dim, element_map.num_params, tuple(hidden_dims),
@@ -67,10 +64,6 @@ class MaskedAutoregressive(FlowLayer):
     def kind(self):
         """``'affine'`` or ``'spline'`` for the built-in maps (the earlier ``kind=``)."""
         return {Affine: "affine", RationalQuadratic: "spline"}.get(type(self.element_map))
-
-    @property
-    def bound(self):
-        return self.element_map.bound
 
     def _tau(self, u, theta, forward):
         """Element map ``u -> tau(u)`` (or its inverse) and its log-derivative, ``(*batch, D)``;

@@ -73,11 +73,6 @@ class Coupling(FlowLayer):
         self.net = MLP(self.num_passive + context_dim, n_out, tuple(hidden_dims),
                        readout_scale=readout_scale)
 
-    @property
-    def bound(self):
-        """The element map's interval half-width (``None`` for maps on all of R)."""
-        return self.element_map.bound
-
     def _split(self, y, context):
         """``(y_a, y_b, conditioner input)`` for an event tensor ``y``."""
         self._require_context(context)
@@ -151,4 +146,4 @@ class SplineCoupling(Coupling):
                  context_dim=0, inverse=False, readout_scale=1.0):
         super().__init__(dim, RationalQuadratic(count_bins, bound), hidden_dims, mask,
                          context_dim, invert=not inverse, readout_scale=readout_scale)
-        self.count_bins, self.inverse = count_bins, bool(inverse)
+        self.count_bins, self.bound, self.inverse = count_bins, float(bound), bool(inverse)

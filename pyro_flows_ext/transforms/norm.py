@@ -99,8 +99,11 @@ class InvertibleBatchNorm(_PerChannel):
     :math:`\log|\det \partial z/\partial x|
     = \sum_c \gamma_c - \tfrac12 \log(\sigma_c^2 + \epsilon)`.
 
-    Training mode: the data-to-base direction uses the statistics of its batch (over every
-    batch dimension) and updates the running averages; the generative direction reuses the
+    Training mode: the data-to-base direction uses the statistics of its input pooled over
+    every non-event dimension (sample and batch alike, as torch's BatchNorm pools ``N, H,
+    W``: a flow's batch entries share its parameters, so they share one normalisation) and
+    updates the running averages; the density of one entry then depends on the others in
+    that call, so score with ``flow.eval()``; the generative direction reuses the
     statistics of that last batch, so the two directions are exact inverses of each other
     (Pyro's ``BatchNorm`` uses batch statistics one way and running ones the other). Eval
     mode: both directions use the running averages.
