@@ -26,7 +26,8 @@ def _device(name):
 
 
 def _load_data(source, n, seed):
-    """``(train, test, name)`` from a toy name or a data file (a 20% test split)."""
+    """``(train, test, name)`` from a toy name or a data file (a 20% test split). A file's
+    rows are checked for NaN/inf before anything else, so errors name the row in the file."""
     import torch
 
     from . import datasets
@@ -37,7 +38,10 @@ def _load_data(source, n, seed):
     if not os.path.exists(source):
         raise CLIError(f"{source!r} is neither a toy data set ({', '.join(datasets.TOY)}) "
                        "nor an existing .csv/.npy/.npz file")
-    data = datasets.load(source)
+    data = datasets.load(source, finite=True)
+    if len(data) < 20:
+        raise CLIError(f"{source!r} has {len(data)} rows; fitting needs at least 20 (a 20% test "
+                       "split and 10 training rows)")
     perm = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
     n_test = max(1, len(data) // 5)
     name = os.path.splitext(os.path.basename(source))[0]
@@ -48,7 +52,7 @@ def cmd_fit(args):
     import pyro
     import torch
 
-    from . import datasets, flows, io, plots
+    from . import datasets, flows, plots
     from .infer.density import as_data, fit_density, mean_nll
 
     torch.manual_seed(args.seed)
@@ -58,47 +62,70 @@ def cmd_fit(args):
     train, test, name = _load_data(args.data, args.n, args.seed)
     out = args.out or os.path.join("runs", name)
     os.makedirs(out, exist_ok=True)
-    # standardise file data so default flow settings fit any scale; toy sets are used as is
-    loc, scale = torch.zeros(train.shape[1]), torch.ones(train.shape[1])
-    if args.data not in datasets.TOY:
-        loc, scale = train.mean(0), train.std(0).clamp_min(1e-8)
-    flow = builder(train.shape[1]).to(device)
-    train, test = as_data((train - loc) / scale, flow), as_data((test - loc) / scale, flow, "test")
+    # file data: a Standardize layer inside the flow (set from the training rows by
+    # fit_density), so the saved model is a density in the file's own units
+    standardize = args.data not in datasets.TOY
+    flow = builder(train.shape[1], standardize=standardize).to(device)
+    train, test = as_data(train, flow), as_data(test, flow, "test")
     checkpoint = os.path.join(out, "model.pt")
+    start = _checkpoint_step(checkpoint) if args.resume else None
     history = fit_density(flow, train, num_steps=args.steps, batch_size=args.batch_size,
                           optim=pyro.optim.Adam({"lr": args.lr}), checkpoint=checkpoint,
-                          resume=args.resume, progress=not args.quiet, seed=args.seed,
-                          eval_every=max(1, min(100, args.steps // 10)))
+                          resume=args.resume, progress=not args.quiet, seed=args.seed)
     bound = "" if flow.is_exact else " (upper bound)"
-    log_scale = scale.log().sum().item()  # NLL in the data's own units
+    steps_done = len(history["loss"]) - history.get("start_step", 0)
     metrics = {"data": args.data, "flow": args.flow, "steps": len(history["loss"]),
-               "train_nll": mean_nll(flow, train) + log_scale,
-               "val_nll": history["best_val_nll"] + log_scale,
-               "test_nll": mean_nll(flow, test) + log_scale, "exact": flow.is_exact,
-               "stopped": history["stopped"], "n_train": len(train), "n_test": len(test)}
-    io.save(flow, checkpoint, data_loc=loc, data_scale=scale, **_resume_fields(checkpoint))
+               "steps_this_run": steps_done, "train_nll": mean_nll(flow, train),
+               "val_nll": history["best_val_nll"], "test_nll": mean_nll(flow, test),
+               "best_step": history["best_step"], "exact": flow.is_exact,
+               "stopped": history["stopped"], "n_train": history["n_train"],
+               "n_val": history["n_val"], "n_test": len(test), "units": "data"}
+    _save_final(flow, checkpoint, metrics)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    plots.plot_training(history, os.path.join(out, "loss.png"))
+    units = "nats, data units" if standardize else "nats"
+    plots.plot_training(history, os.path.join(out, "loss.png"),
+                        title=f"{args.flow} on {name}: test NLL {metrics['test_nll']:.3f} "
+                              f"{units}")
     if train.shape[1] == 2:
-        bounds = (min(-4.0, float(train.min()) - 0.5), max(4.0, float(train.max()) + 0.5))
-        plots.plot_density(flow, os.path.join(out, "density.png"), bounds=bounds)
-        plots.plot_samples(flow, os.path.join(out, "samples.png"), data=train.cpu(), bounds=bounds)
+        both = torch.cat([train, test]).cpu()
+        title = f"{args.flow} density on {name} (test NLL {metrics['test_nll']:.3f} {units})"
+        plots.plot_density(flow, os.path.join(out, "density.png"), data=both, title=title)
+        plots.plot_samples(flow, os.path.join(out, "samples.png"), data=train.cpu())
+    if start is not None:
+        if start >= args.steps:
+            print(f"resume: the checkpoint is already at step {start} and --steps {args.steps} "
+                  "is a total, so nothing was trained; pass a larger --steps to continue")
+        else:
+            print(f"resume: continued from step {start} to step {len(history['loss'])} of "
+                  f"--steps {args.steps} (a total): {steps_done} more steps")
     for split in ("train", "val", "test"):
-        print(f"{split} NLL{bound}: {metrics[split + '_nll']:.4f} nats")
+        print(f"{split} NLL{bound}: {metrics[split + '_nll']:.4f} {units}")
+    print(f"best validation at step {history['best_step']}"
+          + (" (the Gaussian start)" if history["best_step"] == 0 else ""))
     if history["stopped"]:
         print(f"note: {history['stopped']}")
     print(f"wrote {out}/: model.pt, metrics.json, loss.png"
           + (", density.png, samples.png" if train.shape[1] == 2 else ""))
 
 
-def _resume_fields(checkpoint):
-    """Keeps the fields ``--resume`` needs when the final model overwrites the checkpoint."""
+def _checkpoint_step(checkpoint):
+    """The step a resumable checkpoint reached (None when there is none)."""
+    from . import io
+
+    if not os.path.exists(checkpoint):
+        return None
+    return io.read(checkpoint).get("step")
+
+
+def _save_final(flow, checkpoint, metrics):
+    """Writes the final (best) model into the checkpoint, keeping the fields ``--resume``
+    needs (fit_density's record already holds the same best state)."""
     from . import io
 
     record = io.read(checkpoint) if os.path.exists(checkpoint) else {}
-    keys = ("current_state", "step", "history", "optimizer")
-    return {k: record[k] for k in keys if k in record}
+    record.update(io.to_record(flow), metrics=metrics)
+    io.atomic_save(record, checkpoint)
 
 
 def cmd_sample(args):
@@ -107,14 +134,11 @@ def cmd_sample(args):
 
     from . import io
 
-    record = io.read(args.checkpoint)
-    flow = io.from_record(record, args.checkpoint)
+    flow = io.load(args.checkpoint)  # in data units (old checkpoints are converted)
     flow.eval()
     torch.manual_seed(args.seed)
     with torch.no_grad():
         x = flow.sample((args.n,))
-    if "data_scale" in record:  # undo the standardisation applied by `fit`
-        x = x * record["data_scale"] + record["data_loc"]
     x = x.reshape(args.n, -1).cpu().numpy()
     if args.output.endswith(".npy"):
         np.save(args.output, x)
@@ -286,14 +310,18 @@ def build_parser():
     fit.add_argument("data", help="toy set name (moons, checkerboard, 8gaussians, spirals, "
                                   "pinwheel, rings) or a .csv/.npy/.npz file")
     fit.add_argument("--flow", default="realnvp", help=f"one of: {', '.join(sorted(FLOWS))}")
-    fit.add_argument("--steps", type=int, default=2000)
+    fit.add_argument("--steps", type=int, default=2000,
+                     help="total optimisation steps; with --resume training continues up to "
+                          "this total (it is not a number of additional steps)")
     fit.add_argument("--batch-size", type=int, default=512)
     fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--n", type=int, default=20_000, help="toy training points")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default="cpu")
     fit.add_argument("--out", default=None, help="output folder (default runs/<data>)")
-    fit.add_argument("--resume", action="store_true", help="continue from <out>/model.pt")
+    fit.add_argument("--resume", action="store_true",
+                     help="continue from <out>/model.pt (parameters, optimizer, RNG and data "
+                          "order) up to --steps in total; the same --flow and data are required")
     fit.add_argument("--threads", type=int, default=1,
                      help="torch threads (1 is fastest for small flows on shared machines)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -339,19 +367,51 @@ def _check(args):
         raise CLIError(f"--lr must be positive, got {args.lr}")
 
 
+def _global_state():
+    """Torch threads and the global RNGs the commands set; ``main`` restores them on return, so
+    calling ``main([...])`` in-process (tests, notebooks) leaves the caller's settings alone."""
+    import random
+
+    import numpy as np
+    import torch
+
+    return torch.get_num_threads(), torch.get_rng_state(), np.random.get_state(), random.getstate()
+
+
+def _restore_global_state(state):
+    import random
+
+    import numpy as np
+    import torch
+
+    threads, torch_rng, numpy_rng, python_rng = state
+    torch.set_num_threads(threads)
+    torch.set_rng_state(torch_rng)
+    np.random.set_state(numpy_rng)
+    random.setstate(python_rng)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    saved = _global_state()
     try:
         _check(args)
         args.run(args)
     except (CLIError, ValueError, FileNotFoundError, TypeError) as e:
-        print(f"pyro-flows: error: {e}", file=sys.stderr)
+        print(f"pyro-flows: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("pyro-flows: interrupted", file=sys.stderr)
         return 130
+    finally:
+        _restore_global_state(saved)
     return 0
+
+
+def _one_line(error):
+    text = " ".join(str(error).split())
+    return text or type(error).__name__
 
 
 if __name__ == "__main__":

@@ -82,13 +82,20 @@ def toy(name, n=10_000, seed=0):
     return TOY[name](int(n), torch.Generator().manual_seed(seed)).float()
 
 
-def load(path):
+def load(path, finite=False):
     """Loads a data matrix ``(N, D)`` from ``.csv`` (comma separated, an optional header
-    line), ``.npy`` or ``.npz`` (its only array, or the one named ``data``/``x``)."""
+    line), ``.npy`` or ``.npz`` (its only array, or the one named ``data``/``x``).
+
+    Args:
+        path: the file.
+        finite: raise a ``ValueError`` naming the first rows (and, for a CSV, their lines in
+            the file) that hold NaN or infinite values.
+    Returns: a float32 tensor ``(N, D)``."""
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"data file {path!r} does not exist")
     ext = os.path.splitext(path)[1].lower()
+    skip = 0
     try:
         if ext == ".csv":
             with open(path) as f:
@@ -115,7 +122,28 @@ def load(path):
     if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
         raise ValueError(f"{path!r} must hold a numeric (N, D) matrix, got {array.dtype} "
                          f"with shape {array.shape}")
+    if finite:
+        _check_finite(array, path, skip if ext == ".csv" else None)
+    if np.isfinite(array).all() and np.abs(array).max(initial=0) > np.finfo(np.float32).max:
+        raise ValueError(f"{path!r} holds values up to {np.abs(array).max():.3g}, beyond "
+                         "float32's range (3.4e38); rescale the data")
     return torch.as_tensor(array, dtype=torch.float32)
+
+
+def _check_finite(array, path, header_lines):
+    """Raises a ``ValueError`` naming the rows of ``array`` with NaN or infinite values (0-based
+    data rows; for a CSV also the 1-based line in the file)."""
+    bad = np.flatnonzero(~np.isfinite(np.asarray(array, dtype=np.float64)).all(1))
+    if len(bad) == 0:
+        return
+    first = int(bad[0])
+    where = f"row {first}"
+    if header_lines is not None:
+        where += f" (line {first + header_lines + 1} of the file)"
+    shown = ", ".join(map(str, bad[:5].tolist())) + (", ..." if len(bad) > 5 else "")
+    raise ValueError(f"{path!r} has {len(bad)} row(s) with NaN or infinite values (first: "
+                     f"{where}; rows {shown}, counted from 0 without the header); expected "
+                     "finite numbers: drop or impute them")
 
 
 def _is_numeric_row(line):

@@ -1,12 +1,15 @@
 """Ready-made flows. Every builder takes the event size ``dim`` first and returns a
 :class:`~pyro_flows_ext.Flow`; ``FLOWS`` maps the names the CLI and ``pfe.load`` use."""
 
+import inspect
+
 import torch
 
 from .distributions import Flow
 from .transforms import (
     ActNorm,
     AffineCoupling,
+    CholeskyAffine,
     InvertibleBatchNorm,
     InvertibleConv1x1,
     MaskedAutoregressive,
@@ -14,18 +17,44 @@ from .transforms import (
     ResidualBlock,
     Reverse,
     SplineCoupling,
+    Standardize,
 )
 
 FLOWS = {}
 
 
 def register(fn):
-    """Adds a builder to :data:`FLOWS` and records its name and arguments on the flow it
-    returns (``flow.spec``), which is what :func:`pyro_flows_ext.save` stores."""
+    """Adds a builder to :data:`FLOWS` and records its name and full arguments (defaults
+    included, so a saved flow reloads identically whatever later defaults become) on the flow
+    it returns (``flow.spec``), which is what :func:`pyro_flows_ext.save` stores.
 
-    def builder(dim, **kwargs):
+    Every builder also takes two data-side options, applied after its own layers:
+
+    * ``gaussian_start=True``: a :class:`~pyro_flows_ext.transforms.CholeskyAffine` at the
+      data end, which ``fit_density`` initialises to the full-covariance Gaussian fit of the
+      training data (so step 0 is that fit; ``False`` leaves it out);
+    * ``standardize=False``: ``True`` adds a fixed
+      :class:`~pyro_flows_ext.transforms.Standardize` after it (the identity until set from
+      data, e.g. by ``fit_density``), so the flow is a density in the data's own units.
+    """
+    signature = inspect.signature(fn)
+
+    def builder(dim, gaussian_start=True, standardize=False, **kwargs):
+        bound = signature.bind(dim, **kwargs)
+        bound.apply_defaults()
+        full = {}
+        for name, value in list(bound.arguments.items())[1:]:
+            if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+                full.update(value)
+            else:
+                full[name] = value
         flow = fn(dim, **kwargs)
-        flow.spec = {"flow": fn.__name__, "dim": dim, "kwargs": dict(kwargs)}
+        data_side = (([CholeskyAffine(dim)] if gaussian_start else [])
+                     + ([Standardize(dim)] if standardize else []))
+        if data_side:
+            flow = Flow(None, list(flow.transforms) + data_side)
+        full.update(gaussian_start=bool(gaussian_start), standardize=bool(standardize))
+        flow.spec = {"flow": fn.__name__, "dim": dim, "kwargs": full}
         return flow
 
     builder.__name__, builder.__doc__, builder.__wrapped__ = fn.__name__, fn.__doc__, fn

@@ -47,8 +47,30 @@ def from_record(record, path="<record>"):
         raise ValueError(f"{path} is not a pyro_flows_ext model file (expected one written by "
                          "pyro_flows_ext.save or `pyro-flows fit`)")
     spec = record["spec"]
-    flow = get_builder(spec["flow"])(spec["dim"], **spec["kwargs"])
-    flow.load_state_dict(record["state_dict"])
+    kwargs = dict(spec["kwargs"])
+    legacy = "gaussian_start" not in kwargs  # written before builders had data-side layers
+    if legacy:
+        # rebuild exactly the layers it had; a CLI fit's standardisation becomes a layer
+        kwargs.update(gaussian_start=False, standardize="data_scale" in record)
+    try:
+        flow = get_builder(spec["flow"])(spec["dim"], **kwargs)
+    except TypeError as e:
+        raise ValueError(f"{path} was written for {spec['flow']}({spec['dim']}, ...) with "
+                         f"arguments this version does not take ({e}); load it with the "
+                         "version that wrote it") from e
+    state = dict(record["state_dict"])
+    if legacy and "data_scale" in record:
+        layer = flow.transforms[-1]  # the Standardize layer, last in generative order
+        prefix = next(n for n, m in flow.named_modules() if m is layer)
+        state[f"{prefix}.loc"] = torch.as_tensor(record["data_loc"]).reshape(-1)
+        state[f"{prefix}.scale"] = torch.as_tensor(record["data_scale"]).reshape(-1)
+        state[f"{prefix}.initialized"] = torch.tensor(True)
+    try:
+        flow.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match the flow its spec builds "
+                         f"({spec['flow']}({spec['dim']}, ...)): "
+                         f"{str(e).splitlines()[0]}") from e
     return flow
 
 

@@ -1,58 +1,143 @@
-"""Figures: 2-D density heat map, sample scatter, training curve (matplotlib, Agg)."""
+"""Figures: 2-D density heat map, sample scatter, training curve.
 
-import matplotlib
+Built on :class:`matplotlib.figure.Figure` with the Agg canvas, never pyplot or
+``matplotlib.use``, so importing this module leaves a notebook's backend alone. Every
+function returns the figure and, given ``path``, also writes it there as a PNG.
+"""
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 
-__all__ = ["density_grid", "plot_density", "plot_samples", "plot_training"]
+__all__ = ["data_bounds", "density_grid", "loss_limits", "plot_density", "plot_samples",
+           "plot_training"]
+
+
+def _figure(width, height):
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, path):
+    if path is not None:
+        fig.savefig(path, dpi=100, bbox_inches="tight")
+    return fig
+
+
+def _flow_ref(flow):
+    for t in (*flow.parameters(), *flow.buffers()):
+        if t.is_floating_point():
+            return t
+    return torch.zeros(())
+
+
+def data_bounds(data, margin=0.1, quantile=0.005):
+    """Per-axis plot bounds ``((x0, x1), (y0, y1))`` covering the data's central
+    ``1 - 2 * quantile`` share on each axis, widened by ``margin`` of the range."""
+    x = torch.as_tensor(data).detach().double().cpu()[:, :2]
+    lo = torch.quantile(x, quantile, dim=0) if len(x) > 1 else x.min(0).values
+    hi = torch.quantile(x, 1 - quantile, dim=0) if len(x) > 1 else x.max(0).values
+    width = (hi - lo).clamp_min(1e-12)
+    lo, hi = lo - margin * width, hi + margin * width
+    return tuple((float(a), float(b)) for a, b in zip(lo, hi))
+
+
+def _axes_bounds(bounds):
+    """``((x0, x1), (y0, y1))`` from a shared ``(lo, hi)`` or per-axis bounds."""
+    if np.ndim(bounds[0]) == 0:
+        return (tuple(map(float, bounds)),) * 2
+    return tuple(tuple(map(float, b)) for b in bounds)
 
 
 @torch.no_grad()
 def density_grid(flow, bounds=(-4.0, 4.0), resolution=200):
-    """``(xs, ys, p)``: the flow's density on a ``resolution``^2 grid over ``bounds``^2."""
-    ref = next(flow.parameters(), torch.zeros(()))
-    lo, hi = bounds
-    axis = torch.linspace(lo, hi, resolution, dtype=ref.dtype, device=ref.device)
-    xx, yy = torch.meshgrid(axis, axis, indexing="xy")
+    """``(xs, ys, p)``: the flow's density (in the flow's own units) on a ``resolution``^2 grid
+    over ``bounds`` (a shared ``(lo, hi)`` or per-axis ``((x0, x1), (y0, y1))``)."""
+    ref = _flow_ref(flow)
+    (x0, x1), (y0, y1) = _axes_bounds(bounds)
+    ax = torch.linspace(x0, x1, resolution, dtype=ref.dtype, device=ref.device)
+    ay = torch.linspace(y0, y1, resolution, dtype=ref.dtype, device=ref.device)
+    xx, yy = torch.meshgrid(ax, ay, indexing="xy")
     pts = torch.stack([xx.flatten(), yy.flatten()], -1)
-    logp = torch.cat([flow.log_prob(p) for p in pts.split(10_000)])
+    was_training = flow.training
+    flow.eval()
+    try:
+        logp = torch.cat([flow.log_prob(p) for p in pts.split(10_000)])
+    finally:
+        flow.train(was_training)
     return xx.cpu().numpy(), yy.cpu().numpy(), logp.exp().reshape(xx.shape).cpu().numpy()
 
 
-def plot_density(flow, path, bounds=(-4.0, 4.0), resolution=200, title="learned density"):
-    """Writes a heat map of a 2-D flow's density to ``path``."""
-    xx, yy, p = density_grid(flow, bounds, resolution)
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.pcolormesh(xx, yy, p, shading="auto", cmap="viridis")
-    ax.set(title=title, aspect="equal", xlim=bounds, ylim=bounds)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+def plot_density(flow, path=None, bounds=None, resolution=200, title="learned density",
+                 data=None, labels=("x1", "x2")):
+    """Heat map of a 2-D flow's density with a colour bar and axis labels. ``bounds`` default
+    to the range of ``data`` (in the flow's units, i.e. the data's), else ``(-4, 4)``."""
+    if bounds is None:
+        bounds = data_bounds(data) if data is not None else (-4.0, 4.0)
+    (x0, x1), (y0, y1) = _axes_bounds(bounds)
+    xx, yy, p = density_grid(flow, ((x0, x1), (y0, y1)), resolution)
+    fig = _figure(6, 5)
+    ax = fig.add_subplot()
+    mesh = ax.pcolormesh(xx, yy, p, shading="auto", cmap="viridis")
+    fig.colorbar(mesh, ax=ax, label="density p(x)")
+    ax.set(title=title, xlabel=labels[0], ylabel=labels[1], xlim=(x0, x1), ylim=(y0, y1))
+    return _save(fig, path)
 
 
 @torch.no_grad()
-def plot_samples(flow, path, n=5000, data=None, bounds=(-4.0, 4.0)):
-    """Writes a scatter of ``n`` flow samples (beside ``data`` when given) to ``path``."""
+def plot_samples(flow, path=None, n=5000, data=None, bounds=None, labels=("x1", "x2")):
+    """Scatter of ``n`` flow samples (beside ``data`` when given), on shared axes."""
     x = flow.sample((n,)).cpu().numpy()
     panels = [("flow samples", x)]
     if data is not None:
-        panels.append(("data", torch.as_tensor(data)[:n].cpu().numpy()))
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 5), squeeze=False)
-    for ax, (title, pts) in zip(axes[0], panels):
+        panels.append(("data", torch.as_tensor(data)[:n].detach().cpu().numpy()))
+    if bounds is None:
+        bounds = data_bounds(panels[-1][1])
+    (x0, x1), (y0, y1) = _axes_bounds(bounds)
+    fig = _figure(5 * len(panels), 5)
+    for i, (title, pts) in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
         ax.scatter(pts[:, 0], pts[:, 1], s=1, alpha=0.5)
-        ax.set(title=title, aspect="equal", xlim=bounds, ylim=bounds)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+        ax.set(title=title, xlabel=labels[0], ylabel=labels[1], xlim=(x0, x1), ylim=(y0, y1))
+    return _save(fig, path)
 
 
-def plot_training(history, path):
-    """Writes the training loss (per step) and validation NLL curve to ``path``."""
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(range(1, len(history["loss"]) + 1), history["loss"], lw=0.8, alpha=0.7, label="train")
-    if history.get("val_nll"):
-        ax.plot(history["val_step"], history["val_nll"], "o-", label="validation")
-    ax.set(xlabel="step", ylabel="NLL (nats)", title="training")
-    ax.legend()
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
+def loss_limits(values, low=1.0, high=99.0, margin=0.1):
+    """Y-limits from the ``low``-``high`` percentiles of ``values`` with a ``margin``, so a
+    few spikes (a 200-nat minibatch among 2-nat ones) do not flatten the curve."""
+    v = np.asarray([u for u in values if np.isfinite(u)], dtype=float)
+    if len(v) == 0:
+        return None
+    lo, hi = np.percentile(v, [low, high])
+    span = max(hi - lo, 1e-6 * max(1.0, abs(hi)))
+    return lo - margin * span, hi + margin * span
+
+
+def plot_training(history, path=None, title="training", units="nats"):
+    """Training loss per step and validation NLL (markers; step 0 is the start), with y-limits
+    from robust percentiles of both; points outside are marked at the edge."""
+    loss = np.asarray(history["loss"], dtype=float)
+    steps = np.arange(1, len(loss) + 1)
+    val_steps = np.asarray(history.get("val_step", []), dtype=float)
+    val = np.asarray(history.get("val_nll", []), dtype=float)
+    fig = _figure(7, 4)
+    ax = fig.add_subplot()
+    if len(loss):
+        ax.plot(steps, loss, lw=0.8, alpha=0.6, color="C0", label="training minibatch NLL")
+    if len(val):
+        ax.plot(val_steps, val, "o-", ms=3, color="C1", label="validation NLL")
+        best = history.get("best_step")
+        if best is not None and best in val_steps:
+            ax.axvline(best, color="C2", ls="--", lw=1, label=f"best step {best}")
+    limits = loss_limits(np.concatenate([loss, val]))
+    if limits is not None:
+        ax.set_ylim(*limits)
+        clipped = steps[loss > limits[1]] if len(loss) else []
+        if len(clipped):
+            ax.plot(clipped, np.full(len(clipped), limits[1]), "^", color="C3", ms=4,
+                    label=f"{len(clipped)} step(s) above the axis")
+    ax.set(xlabel="step", ylabel=f"NLL per event ({units})", title=title)
+    ax.legend(loc="upper right", fontsize="small")
+    return _save(fig, path)

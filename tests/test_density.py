@@ -18,7 +18,7 @@ def gaussian_data(n=2000):
 
 def test_fits_a_gaussian_to_its_entropy():
     data = gaussian_data(4000)
-    flow = pfe.flows.realnvp(2, num_layers=2, hidden_dims=(16,))
+    flow = pfe.flows.realnvp(2, num_layers=2, hidden_dims=(16,), gaussian_start=False)
     history = pfe.infer.fit_density(flow, data, num_steps=300, progress=False,
                                     optim=pyro.optim.Adam({"lr": 1e-2}))
     entropy = 0.5 * 2 * math.log(2 * math.pi * math.e) + math.log(2.0 * 0.5)
@@ -114,7 +114,7 @@ def test_checkpoint_and_resume(tmp_path):
 
 
 def test_per_parameter_pyro_optimizer_path():
-    flow = pfe.flows.realnvp(2, num_layers=1, hidden_dims=(8,))
+    flow = pfe.flows.realnvp(2, num_layers=1, hidden_dims=(8,), gaussian_start=False)
     optim = pyro.optim.Adam(lambda module, param: {"lr": 1e-2})
     history = pfe.infer.fit_density(flow, gaussian_data(), num_steps=50, progress=False,
                                     optim=optim)
