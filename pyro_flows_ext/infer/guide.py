@@ -1,5 +1,6 @@
 """``AutoFlowGuide``: a Pyro autoguide whose posterior is a :class:`~pyro_flows_ext.Flow`."""
 
+import inspect
 import math
 import warnings
 
@@ -15,12 +16,8 @@ from torch.distributions.transforms import ComposeTransform
 
 from ..core import FlowLayer
 from ..distributions import Flow
-from ..nn import MLP
 from ..transforms import (
     AffineCoupling,
-    MaskedAutoregressive,
-    RationalQuadraticSpline,
-    SplineCoupling,
 )
 
 __all__ = ["AutoFlowGuide", "LocScale", "default_flow"]
@@ -152,29 +149,24 @@ def site_couplings(sizes, clamp=SITE_COUPLING["clamp"], hidden_dims=SITE_COUPLIN
         step = len(bounds) / max_layers
         bounds = [bounds[math.floor(i * step)] for i in range(max_layers)]
     return [AffineCoupling(dim, hidden_dims=tuple(hidden_dims), mask=torch.arange(dim) < b,
-                           clamp=clamp) for b in bounds]
+                           clamp=clamp, readout_scale=_readout_scale(hidden_dims))
+            for b in bounds]
 
 
-def _scale_readouts(layers):
-    """Sets every conditioner MLP's ``readout_scale`` to ``1 / H`` (``H`` its last hidden
-    width). A guide trains at Adam's lr ~1e-2 from the first step, when every readout weight
-    moves by ~lr at once: unscaled, each layer's log-scale moved by ~0.25 per step and a
-    realnvp guide with site couplings overflowed eight schools within 12 steps."""
-    for layer in layers:
-        for module in layer.modules() if isinstance(layer, nn.Module) else ():
-            if isinstance(module, MLP):
-                module.readout_scale = 1.0 / max(module.shapes[-1][1], 1)
+def _readout_scale(hidden_dims):
+    """``1 / H`` for a conditioner whose last hidden width is ``H``. A guide trains at Adam's
+    lr ~1e-2 from the first step, when every readout weight moves by ~lr at once: unscaled,
+    each layer's log-scale moved by ~0.25 per step and a realnvp guide with site couplings
+    overflowed eight schools within 12 steps."""
+    return 1.0 / max(tuple(hidden_dims)[-1] if hidden_dims else 1, 1)
 
 
 def _stl_unsuited(layers):
-    """Layers for which sticking the landing is a poor choice: IAF (its inverse costs ``D``
-    passes) and splines (the inverse's parameter gradients blow up while the knots move; an
-    nsf guide on a linear regression collapsed to a point within 60 steps with it)."""
-    def unsuited(t):
-        spline = isinstance(t, (SplineCoupling, RationalQuadraticSpline)) or (
-            isinstance(t, MaskedAutoregressive) and t.kind == "spline")
-        return spline or not getattr(t, "fast_inverse", True)
-    return [type(t).__name__ for t in layers if unsuited(t)]
+    """Layers for which sticking the landing is a poor choice: slow inverses (IAF costs ``D``
+    passes) and element maps known to be unstable with it (splines: the inverse's parameter
+    gradients blow up while the knots move)."""
+    return [type(t).__name__ for t in layers
+            if not getattr(t, "stl_stable", True) or not getattr(t, "fast_inverse", True)]
 
 
 class AutoFlowGuide(AutoContinuous):
@@ -261,8 +253,14 @@ class AutoFlowGuide(AutoContinuous):
                               "coupling flows need two, so the guide is a Normal",
                               stacklevel=3)
                 return []
+            builder = get_builder(spec)
             kwargs = {**GUIDE_DEFAULTS.get(spec, {}), **self._flow_kwargs}
-            return list(get_builder(spec)(dim, **kwargs).transforms)
+            params = inspect.signature(builder.__wrapped__).parameters
+            kwargs.setdefault("gaussian_start", False)  # LocScale is the guide's affine start
+            if "readout_scale" in params and "readout_scale" not in kwargs:
+                hidden = kwargs.get("hidden_dims", params["hidden_dims"].default)
+                kwargs["readout_scale"] = _readout_scale(hidden)
+            return list(builder(dim, **kwargs).transforms)
         if isinstance(spec, tuple):
             return list(spec)
         made = spec(dim)
@@ -286,7 +284,6 @@ class AutoFlowGuide(AutoContinuous):
         if self._structured:
             sizes = [math.prod(shape) for shape in self._unconstrained_shapes.values()]
             layers += site_couplings(sizes)
-        _scale_readouts(layers)
         loc_scale = LocScale(self.latent_dim, init, self._init_scale)
         flow = Flow(None, layers + [loc_scale], event_shape=(self.latent_dim,))
         self.flow = flow.to(device=init.device, dtype=init.dtype)

@@ -214,7 +214,7 @@ def _lookup(v, table, row, bound):
     inside = vc == v
     with torch.no_grad():
         edges = table[..., row, k + 1:].contiguous()  # interior edges, sorted
-        idx = torch.searchsorted(edges, vc.unsqueeze(-1), right=True)
+        idx = torch.searchsorted(edges, vc.unsqueeze(-1).contiguous(), right=True)
         idx = torch.cat([idx, idx + k], -1).unsqueeze(-2).expand(shape[:-1] + (2,))
     return vc, inside, table.gather(-1, idx).flatten(-2).unbind(-1)
 
