@@ -24,22 +24,10 @@ __all__ = ["AutoFlowGuide", "LocScale", "default_flow"]
 
 _MIN_SCALE = 1e-6
 
-# Guide-specific builder settings, used unless the caller passes the same keyword. A deep
-# stack of unbounded affine couplings compounds Adam's first sign-like steps (lr 1e-2 took
-# the default 8-block realnvp to 1e7 after three steps): four blocks, no ActNorm, fixed
-# reversals and bounded log-scales (below).
-# A guide samples (base -> data) every step and scores its own sample from the cache, so
-# splines are applied in the generative direction (``inverse=True``): the closed-form spline
-# instead of its quadratic inverse on the hot path (about 5% per SVI step at D = 10). Two
-# spline couplings, not four: as accurate as a guide (funnel W1 0.80-0.94 vs 0.70-0.93 over
-# 4 seeds, eight schools ELBO -32.8 to -32.9 vs -32.8 to -33.9, banana and logistic no worse)
-# and 5.1 instead of 7.7 ms per step at D = 10 (interleaved, one thread).
-# Autoregressive stacks compound the same way (five MAF layers with log-scales up to 5 gave
-# NaN at step 7 on centered eight schools): their log-scales are bounded by 2 as well.
-# Redundant scale paths (every coupling's log-scale and the final LocScale) all grow under
-# the entropy term at Adam's pace, so their sum overshoots: with log-scales bounded by 2 a
-# realnvp guide reached eta ~ 5e3 and tau = inf on eight schools (non-centered) at step 30;
-# bounded by 1 (or 0.5) it trains (ELBO -32.0 to -32.6 there, funnel W1 1.3-1.4 with Adam).
+# Guide-specific builder settings, used unless the caller passes the same keyword: few layers
+# with bounded log-scales, because Adam's first steps compound across stacked scales, and
+# splines applied in the sampling direction (the guide's hot path). The measurements behind
+# them: benchmarks/README.md, "Guide defaults: why".
 GUIDE_DEFAULTS = {"realnvp": {"num_layers": 4, "norm": None, "conv": False, "clamp": 1.0},
                   "nsf": {"num_layers": 2, "inverse": True},
                   "iaf": {"clamp": 2.0},
@@ -189,8 +177,8 @@ class AutoFlowGuide(AutoContinuous):
     noise-free at the exact posterior, so a guide that can represent the posterior settles
     instead of jittering. It needs gradient clipping against the occasional huge
     single-sample gradient (``pyro.optim.ClippedAdam({"lr": 1e-2, "clip_norm": 1.0})``) and
-    affine layers: on Neal's funnel ``flow=(), stl=True`` with ClippedAdam reaches W1(v)
-    0.22-0.31 in 2000 steps (4 seeds). Far from the posterior its location gradient is
+    affine layers: on Neal's funnel ``flow=(), stl=True`` with ClippedAdam is the most accurate
+    recipe of ``benchmarks/inference.py``. Far from the posterior its location gradient is
     noisier than the standard one, and with plain Adam it diverged on eight schools, so it is
     off by default.
 
