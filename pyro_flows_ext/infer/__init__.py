@@ -1,7 +1,8 @@
 """Inference with flows: density fitting, flow autoguides and NeuTra HMC."""
 
+from .bounds import iw_log_prob
 from .density import fit_density
 from .guide import AutoFlowGuide
 from .neutra import neutra_mcmc
 
-__all__ = ["AutoFlowGuide", "fit_density", "neutra_mcmc"]
+__all__ = ["AutoFlowGuide", "fit_density", "iw_log_prob", "neutra_mcmc"]
