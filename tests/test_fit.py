@@ -244,6 +244,7 @@ def test_non_numeric_data_is_a_type_error():
     (lambda x: torch.cat([x, torch.full((len(x), 1), 3.0)], 1), r"constant column\(s\) \[2\]"),
     (lambda x: torch.cat([x, x[:, :1]], 1), "duplicate columns 0 and 2"),
     (lambda x: torch.cat([x, x[:, :1] + 2 * x[:, 1:]], 1), "linearly dependent columns"),
+    (lambda x: torch.cat([x, (x[:, :1] > 0).float()], 1), r"discrete column\(s\) 2 \(2 distinct"),
 ])
 def test_degenerate_columns_warn(make, match):
     x = make(torch.randn(300, 2))

@@ -109,13 +109,23 @@ def check_columns(data, name="data"):
         problems.append(f"constant column(s) {constant}")
     live = [j for j in range(x.shape[1]) if j not in constant]
     dup = []
-    for a in range(len(live)):
-        for b in range(a + 1, len(live)):
-            i, j = live[a], live[b]
-            if torch.allclose(x[:, i], x[:, j], rtol=1e-9, atol=1e-12 * float(scale[i])):
-                dup.append((i, j))
+    if len(live) > 1:  # exact duplicates (near ones show up as linear dependence below)
+        _, inverse = torch.unique(x[:, live], dim=1, return_inverse=True)
+        first = {}
+        for j, group in zip(live, inverse.tolist()):
+            if group in first:
+                dup.append((first[group], j))
+            else:
+                first[group] = j
     if dup:
         problems.append("duplicate columns " + ", ".join(f"{i} and {j}" for i, j in dup[:5]))
+    if len(x) >= 50:
+        few = [(j, len(torch.unique(x[:, j]))) for j in live]
+        few = [(j, k) for j, k in few if k <= 10]
+        if few:
+            problems.append("discrete column(s) " + ", ".join(
+                f"{j} ({k} distinct values)" for j, k in few[:5]) + " (dequantise them: add "
+                "uniform noise of one spacing)")
     if not problems and len(live) > 1 and len(x) > len(live):
         z = (x[:, live] - x[:, live].mean(0)) / std[live]
         eig = torch.linalg.eigvalsh(z.T @ z / len(z))
