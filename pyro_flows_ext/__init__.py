@@ -1,6 +1,6 @@
 """pyro-flows-ext: normalizing flows as first-class Pyro citizens."""
 
-from . import flows, infer, nn, surjections, transforms
+from . import flows, infer, nn, stochastic, surjections, transforms
 from .core import FlowLayer, StochasticLayer, Surjection
 from .distributions import Flow
 from .io import load, save
@@ -17,6 +17,7 @@ __all__ = [
     "load",
     "nn",
     "save",
+    "stochastic",
     "surjections",
     "transforms",
 ]
