@@ -3,14 +3,17 @@
 Inference surjections (data -> latent deterministic; ``log_prob`` exact): :class:`Abs`,
 :class:`Slice`, :class:`Sort`, :class:`MaxPool2d`, :class:`RAD`. Generative surjection
 (data -> latent draws noise; ``log_prob`` a stochastic lower bound, tightened by
-:func:`pyro_flows_ext.infer.iw_log_prob`): :class:`Augment`. Helpers for :class:`Sort`'s
-base side: :class:`OrderStatistics` (a base) and :class:`Ordered` (a bijection onto sorted
-vectors)."""
+:func:`pyro_flows_ext.infer.iw_log_prob`): :class:`Augment`.
 
-from .abs import Abs
+Base-side helpers: :class:`HalfNormalMap` (a bijection onto the positive orthant, for
+:class:`Abs`); :class:`OrderStatistics` (a base) and :class:`Ordered` (a bijection onto
+sorted vectors), for :class:`Sort`."""
+
+from .abs import Abs, HalfNormalMap
 from .pool import MaxPool2d
 from .rad import RAD
 from .slicing import Augment, Slice
 from .sort import Ordered, OrderStatistics, Sort
 
-__all__ = ["Abs", "Augment", "MaxPool2d", "OrderStatistics", "Ordered", "RAD", "Slice", "Sort"]
+__all__ = ["Abs", "Augment", "HalfNormalMap", "MaxPool2d", "OrderStatistics", "Ordered", "RAD",
+           "Slice", "Sort"]

@@ -5,10 +5,74 @@ import math
 import torch
 from torch.distributions import constraints
 
-from ..core import Surjection, broadcast_context
+from ..core import FlowLayer, Surjection, broadcast_context
 from ._densities import AutoregressiveCategorical
 
-__all__ = ["Abs"]
+__all__ = ["Abs", "HalfNormalMap"]
+
+_S2, _LOG2 = math.sqrt(2.0), math.log(2.0)
+
+
+def _fixed_point(a, sign, start, steps=8):
+    """Solves ``b^2 = a^2 + sign (2 log 2 + 2 log(erfcx(hi / s2) / erfcx(lo / s2)))`` with
+    ``(hi, lo) = (b, a)`` for ``sign = 1`` else ``(a, b)``: the tail equation
+    ``1 - Phi(H) = (1 - Phi(z)) / 2`` written with the scaled erfc, which never underflows."""
+    b = start
+    for _ in range(steps):
+        hi, lo = (b, a) if sign > 0 else (a, b)
+        corr = 2 * (torch.special.erfcx(hi / _S2).log() - torch.special.erfcx(lo / _S2).log())
+        b = (a.square() + sign * (2 * _LOG2 + corr)).clamp_min(1e-12).sqrt()
+    return b
+
+
+def half_normal_map(z):
+    r""":math:`H(z) = \Phi^{-1}((1 + \Phi(z)) / 2)`: maps :math:`N(0, 1)` onto the half-normal."""
+    zn, zm, zb = z.clamp(max=0.0), z.clamp(0.0, 5.0), z.clamp(min=5.0)
+    neg = _S2 * torch.erfinv(0.5 * torch.erfc(-zn / _S2))
+    mid = -torch.special.ndtri(0.25 * torch.erfc(zm / _S2))
+    big = _fixed_point(zb, 1, (zb.square() + 2 * _LOG2).sqrt())
+    return torch.where(z <= 0, neg, torch.where(z <= 5, mid, big))
+
+
+def half_normal_map_inverse(u):
+    r""":math:`H^{-1}(u) = \Phi^{-1}(2\Phi(u) - 1)` for ``u > 0``."""
+    us = u.clamp(torch.finfo(u.dtype).tiny, 1.0)
+    um, ub = u.clamp(1.0, 5.0), u.clamp(min=5.0)
+    small = torch.special.ndtri(torch.erf(us / _S2))
+    mid = -torch.special.ndtri(torch.erfc(um / _S2))
+    big = _fixed_point(ub, -1, (ub.square() - 2 * _LOG2).sqrt())
+    return torch.where(u <= 1, small, torch.where(u <= 5, mid, big))
+
+
+class HalfNormalMap(FlowLayer):
+    r"""Bijection from :math:`\mathbb{R}^D` onto the positive orthant that maps
+    :math:`N(0, I)` exactly onto the half-normal: :math:`x = \Phi^{-1}((1 + \Phi(z))/2)`
+    element-wise, :math:`\log|\det J| = \sum_i (x_i^2 - z_i^2)/2 - \log 2`. Exact.
+
+    The base-side map :class:`Abs` needs: ``Flow(None, [..., HalfNormalMap(D), Abs(D)])``
+    is exactly :math:`N(0, I)` while the layers before it are the identity and the signs
+    uniform (so a builder's Gaussian start survives), its tails stay Gaussian (``Exp``
+    gives log-normal ones), and the density at :math:`x_i = 0` stays finite and non-zero
+    (``Exp`` or a softplus put a hole along every axis).
+
+    Args:
+        dim: event size ``D`` (``None`` accepts any).
+    Shapes: ``z``, ``x``: ``(*batch, D)``; ``x > 0``.
+    """
+
+    codomain = constraints.independent(constraints.positive, 1)
+
+    def __init__(self, dim=None):
+        super().__init__()
+        self.dim = dim
+
+    def call_and_ladj(self, z):
+        x = half_normal_map(z)
+        return x, (0.5 * (x.square() - z.square()) - _LOG2).sum(-1)
+
+    def inverse_and_ladj(self, x):
+        z = half_normal_map_inverse(x)
+        return z, -(0.5 * (x.square() - z.square()) - _LOG2).sum(-1)
 
 
 class Abs(Surjection):
@@ -24,8 +88,9 @@ class Abs(Surjection):
     ``SimpleAbsSurjection``, no parameters). Scoring costs one sign-net pass, sampling ``D``.
 
     The base side lives on the positive orthant: whatever feeds ``Abs`` in the generative
-    direction must be positive (an :class:`~pyro_flows_ext.transforms.Exp` layer, or a
-    half-normal base), else ``log_prob`` does not integrate to 1.
+    direction must be positive (:class:`HalfNormalMap`, which keeps an identity-initialised
+    flow exactly :math:`N(0, I)`; :class:`~pyro_flows_ext.transforms.Exp`; or a half-normal
+    base), else ``log_prob`` does not integrate to 1.
 
     Args:
         dim: event size ``D``.
