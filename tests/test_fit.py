@@ -326,3 +326,20 @@ def test_weight_decay_shrinks_network_weights_only():
     # the data-initialised layer is not pulled towards zero
     torch.testing.assert_close(decayed.transforms[2].loc, plain.transforms[2].loc,
                                atol=0.05, rtol=0.05)
+
+
+def test_pyro_lr_scheduler_is_stepped_once_per_step(monkeypatch):
+    flow = _plain_flow()
+    sched = pyro.optim.ExponentialLR({"optimizer": torch.optim.SGD, "optim_args": {"lr": 0.1},
+                                      "gamma": 0.5})
+    seen = []
+    real = density.FlowOptimizer.step
+
+    def recording_step(self):
+        real(self)
+        seen.append(self.optimizers[0].param_groups[0]["lr"])
+
+    monkeypatch.setattr(density.FlowOptimizer, "step", recording_step)
+    pfe.infer.fit_density(flow, correlated(64, 2) / 10, num_steps=3, batch_size=64,
+                          val_fraction=0, progress=False, optim=sched, patience=None)
+    assert seen == [0.05, 0.025, 0.0125]
