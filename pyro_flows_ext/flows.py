@@ -209,3 +209,62 @@ def residual_flow(dim, num_blocks=6, hidden_dims=(64, 64), lipschitz=0.97, logde
         if actnorm:
             layers.append(ActNorm(dim))
     return Flow(None, layers)
+
+
+# -- surjective flows (issue 11) --------------------------------------------------------------
+
+def _inner_layers(dim, inner, num_layers, hidden_dims, count_bins, bound):
+    """The bijective layers under a surjection: ``nsf`` (any ``dim``) or ``realnvp``."""
+    if inner == "nsf":
+        return list(nsf.__wrapped__(dim, num_layers, tuple(hidden_dims), count_bins,
+                                    bound).transforms)
+    if inner == "realnvp":
+        return list(realnvp.__wrapped__(dim, num_layers, tuple(hidden_dims)).transforms)
+    raise ValueError(f"unknown inner flow {inner!r}; expected 'nsf' or 'realnvp'")
+
+
+@register
+def abs_flow(dim, inner="nsf", num_layers=4, hidden_dims=(64, 64), count_bins=8, bound=5.0,
+             learn_signs=True, sign_hidden_dims=(32, 32)):
+    r"""A flow for data symmetric under sign flips (SurVAE's absolute-value surjection): an
+    inner bijective flow on :math:`\mathbb{R}^D`, a
+    :class:`~pyro_flows_ext.surjections.HalfNormalMap` onto the positive orthant and
+    :class:`~pyro_flows_ext.surjections.Abs`, whose learned sign model
+    :math:`p(s \mid |x|)` (uniform at the start) places each folded point in its orthants.
+    Exact ``log_prob``; starts at :math:`N(0, I)` (the builder's Gaussian start holds).
+    The fold is at the origin of the Gaussian start's whitened coordinates.
+
+    Args:
+        dim: event size ``D``.
+        inner: ``'nsf'`` (spline couplings; element-wise splines at ``D = 1``) or
+            ``'realnvp'``.
+        num_layers, hidden_dims, count_bins, bound: the inner flow's settings.
+        learn_signs: learn the sign model (else uniform signs).
+        sign_hidden_dims: hidden sizes of the sign network.
+    """
+    from .surjections import Abs, HalfNormalMap
+
+    layers = _inner_layers(dim, inner, num_layers, hidden_dims, count_bins, bound)
+    return Flow(None, layers + [HalfNormalMap(dim),
+                                Abs(dim, learn_signs, tuple(sign_hidden_dims))])
+
+
+@register
+def rad_flow(dim, inner="nsf", num_layers=4, hidden_dims=(64, 64), count_bins=8, bound=5.0,
+             num_pieces=3, gate_hidden_dims=(32, 32)):
+    r"""An inner bijective flow followed by a :class:`~pyro_flows_ext.surjections.RAD` layer
+    (Dinh et al. 2019): a learned piecewise-linear fold of each coordinate into
+    ``num_pieces`` pieces with a gating network :math:`p(k \mid z)`; a mixture-like model
+    with exact ``log_prob``.
+
+    Args:
+        dim: event size ``D``.
+        inner: ``'nsf'`` or ``'realnvp'``.
+        num_layers, hidden_dims, count_bins, bound: the inner flow's settings.
+        num_pieces: pieces per coordinate (odd, >= 3).
+        gate_hidden_dims: hidden sizes of the gating network.
+    """
+    from .surjections import RAD
+
+    layers = _inner_layers(dim, inner, num_layers, hidden_dims, count_bins, bound)
+    return Flow(None, layers + [RAD(dim, num_pieces, tuple(gate_hidden_dims))])
