@@ -36,7 +36,7 @@ def _flow_ref(flow):
 def data_bounds(data, margin=0.1, quantile=0.005):
     """Per-axis plot bounds ``((x0, x1), (y0, y1))`` covering the data's central
     ``1 - 2 * quantile`` share on each axis, widened by ``margin`` of the range."""
-    x = torch.as_tensor(data).detach().double().cpu()[:, :2]
+    x = torch.as_tensor(data).detach().cpu().double()[:, :2]
     lo = torch.quantile(x, quantile, dim=0) if len(x) > 1 else x.min(0).values
     hi = torch.quantile(x, 1 - quantile, dim=0) if len(x) > 1 else x.max(0).values
     width = (hi - lo).clamp_min(1e-12)

@@ -98,7 +98,7 @@ def split_data(data, val_fraction, seed):
 def check_columns(data, name="data"):
     """Warns (:class:`DegenerateData`) about constant, duplicate or linearly dependent
     columns, for which the density is degenerate (the NLL falls without bound)."""
-    x = data.reshape(len(data), -1).double()
+    x = data.detach().reshape(len(data), -1).to("cpu", torch.float64)
     if len(x) < 2:
         return
     std = x.std(0)
@@ -358,7 +358,7 @@ def prepare(flow, train, warn_fraction=0.01):
         if bound is None:
             return True  # keep walking until the first spline
         found.update(index=i, layer=t, bound=float(bound),
-                     outside=(x.abs() > bound).double().mean().item())
+                     outside=(x.abs() > bound).float().mean().item())
         return False
 
     has_spline = any(_spline_bound(t) is not None for t in flow.transforms)
@@ -432,7 +432,7 @@ def torch_threads(num_threads):
 def _divergence_advice(data, flow):
     """What to try after a non-finite loss: the data's scale first, then the optimiser."""
     big = data.abs().max().item()
-    spread = data.std(0).double()
+    spread = data.std(0).cpu().double()
     standardized = any(type(t).__name__ == "Standardize" and getattr(t, "is_initialized", False)
                        for t in flow.transforms)
     if not standardized and (big > 1e4 or spread.min().item() < 1e-4):

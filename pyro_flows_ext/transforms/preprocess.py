@@ -40,12 +40,13 @@ class _DataInitialized(FlowLayer):
         return self._ready
 
     def _rows(self, x, name):
-        """``x`` as ``(N, D)`` float64 rows (statistics are computed in float64, so data near
-        float32's range do not overflow their squares)."""
+        """``x`` as ``(N, D)`` float64 rows on the CPU (statistics are computed in float64, so
+        data near float32's range do not overflow their squares, also on devices without
+        float64)."""
         if x.dim() < 1 or x.shape[-1] != self.dim:
             raise ValueError(f"{name} expects rows of size {self.dim} in the last dimension, "
                              f"got a tensor of shape {tuple(x.shape)}")
-        return x.detach().reshape(-1, self.dim).double()
+        return x.detach().reshape(-1, self.dim).to("cpu", torch.float64)  # float64 on any device
 
 
 class Standardize(_DataInitialized):
