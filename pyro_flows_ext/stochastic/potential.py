@@ -1,5 +1,6 @@
 r"""Energies from Pyro models, and interpolated energies for a ladder of MCMC layers."""
 
+import contextlib
 import math
 import warnings
 
@@ -7,12 +8,26 @@ import pyro
 import pyro.poutine as poutine
 import torch
 from pyro.infer.mcmc.util import initialize_model
+from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import biject_to
 from torch.distributions.utils import _sum_rightmost
 
 __all__ = ["ModelPotential", "potential_from_model", "InterpolatedEnergy", "ladder",
            "standard_normal_energy"]
+
+
+@contextlib.contextmanager
+def _own_plate_dims():
+    """Plate dimensions allocated afresh for a model run inside another program (a guide under
+    SVI's particle plate): the outer plates are blocked, so their dims must not count. Swaps
+    Pyro's global dim allocator stack for the block and restores it."""
+    saved = _DIM_ALLOCATOR._stack
+    _DIM_ALLOCATOR._stack = []
+    try:
+        yield
+    finally:
+        _DIM_ALLOCATOR._stack = saved
 
 
 def _batch_dims(site):
@@ -48,8 +63,9 @@ class ModelPotential:
         self.model, self.model_args = model, tuple(model_args)
         self.model_kwargs = dict(model_kwargs or {})
         kw = {} if init_strategy is None else {"init_strategy": init_strategy}
-        init, self._pyro_potential, self._transforms, trace = initialize_model(
-            model, model_args=self.model_args, model_kwargs=self.model_kwargs, **kw)
+        with poutine.block(), _own_plate_dims():  # invisible to any program around us
+            init, self._pyro_potential, self._transforms, trace = initialize_model(
+                model, model_args=self.model_args, model_kwargs=self.model_kwargs, **kw)
         self._latents = [(name, site) for name, site in trace.iter_stochastic_nodes()
                          if not site_is_subsample(site)]
         if not self._latents:
@@ -127,13 +143,17 @@ class ModelPotential:
         return values, log_det
 
     def _log_joint(self, values, plate_size=None):
-        with pyro.validation_enabled(False), poutine.trace() as tracer:
-            if plate_size is None:
-                poutine.condition(self.model, values)(*self.model_args, **self.model_kwargs)
-            else:
-                with pyro.plate("_snf_batch", plate_size, dim=-(self.max_plate_nesting + 1)):
-                    poutine.condition(self.model, values)(*self.model_args,
-                                                          **self.model_kwargs)
+        # block: invisible to the handlers around the caller (a guide's trace, SVI's particle
+        # plate); the trace inside records this run only
+        model = poutine.condition(self.model, values)
+        with pyro.validation_enabled(False), poutine.block(), _own_plate_dims():
+            with poutine.trace() as tracer:
+                if plate_size is None:
+                    model(*self.model_args, **self.model_kwargs)
+                else:
+                    with pyro.plate("_snf_batch", plate_size,
+                                    dim=-(self.max_plate_nesting + 1)):
+                        model(*self.model_args, **self.model_kwargs)
         trace = tracer.trace
         trace.compute_log_prob()
         total = 0.0
@@ -181,7 +201,8 @@ class ModelPotential:
     def pyro_potential(self, x):
         """Pyro's own potential (``initialize_model``'s ``potential_fn``) at one point
         ``(D,)``: a reference for tests."""
-        return self._pyro_potential(self.unpack(x))
+        with poutine.block(), _own_plate_dims():
+            return self._pyro_potential(self.unpack(x))
 
     def __repr__(self):
         sites = ", ".join(f"{k}: {tuple(v[0])}" for k, v in self.sites.items())
