@@ -98,6 +98,7 @@ class MaxPool2d(Surjection):
         if self.simple:  # half-normal
             return (math.log(2.0) - 0.5 * _LOG_2PI - log_scale
                     - 0.5 * (d * torch.exp(-log_scale)).square())
+        d = d.clamp_min(torch.finfo(d.dtype).tiny)  # ties: a finite, hugely negative density
         u = softplus_inverse(d)
         # density of d = softplus(u): N(u; loc, scale) / sigmoid(u), log sigmoid(u) = log(1-e^-d)
         return (-0.5 * _LOG_2PI - log_scale - 0.5 * ((u - loc) * torch.exp(-log_scale)).square()

@@ -119,7 +119,7 @@ class Ordered(FlowLayer):
         return x, F.logsigmoid(rest).sum(-1)
 
     def inverse_and_ladj(self, x):
-        gaps = x.diff(dim=-1)
+        gaps = x.diff(dim=-1).clamp_min(torch.finfo(x.dtype).tiny)  # ties: finite, not NaN
         # log sigmoid(softplus^-1(d)) = log(1 - e^-d)
         return (torch.cat([x[..., :1], softplus_inverse(gaps)], -1),
                 -torch.log(-torch.expm1(-gaps)).sum(-1))
