@@ -10,6 +10,7 @@ from pyro_flows_ext.core import FlowLayer
 from pyro_flows_ext.infer.density import TrainingDiverged, mean_nll
 
 from .contract import assert_fit_beats_gaussian
+from .densities import assert_nll_not_below_entropy, moons_log_prob
 
 
 def gaussian_data(n=2000):
@@ -24,6 +25,9 @@ def test_fits_a_gaussian_to_its_entropy():
     entropy = 0.5 * 2 * math.log(2 * math.pi * math.e) + math.log(2.0 * 0.5)
     test = gaussian_data(4000)
     assert abs(mean_nll(flow, test) - entropy) < 0.05
+    # floor: no better than the data's own density on the same points (closed form)
+    truth = torch.distributions.Normal(torch.tensor([1.0, -1.0]), torch.tensor([2.0, 0.5]))
+    assert_nll_not_below_entropy(flow, test, lambda x: truth.log_prob(x).sum(-1).double())
     assert history["best_step"] > 0
     assert len(history["loss"]) == 300 or history["stopped"] == (
         f"early stopping at step {len(history['loss'])}")
@@ -126,7 +130,8 @@ def test_realnvp_reaches_good_nll_on_moons():
     train, test = pfe.datasets.toy("moons", 20000, 0), pfe.datasets.toy("moons", 5000, 1)
     flow = pfe.flows.realnvp(2)
     pfe.infer.fit_density(flow, train, num_steps=3000, progress=False)
-    assert mean_nll(flow, test) < 1.85  # true entropy about 1.67; peers reach 1.75 to 2.02
+    assert mean_nll(flow, test) < 1.85  # true entropy 1.676; peers reach 1.75 to 2.02
+    assert_nll_not_below_entropy(flow, test, moons_log_prob)
 
 
 def test_realnvp_learns_moons_quickly():
