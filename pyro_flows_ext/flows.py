@@ -211,6 +211,42 @@ def residual_flow(dim, num_blocks=6, hidden_dims=(64, 64), lipschitz=0.97, logde
     return Flow(None, layers)
 
 
+# -- continuous flows (issue 13) -------------------------------------------------------------
+
+@register
+def ffjord(dim, hidden_dims=(64, 64, 64), trace="hutchinson", noise="rademacher", T=1.0,
+           solver="dopri5", rtol=1e-5, atol=1e-5, adjoint=False, augment_dim=0, context_dim=0,
+           eval_trace="exact", kinetic_weight=0.0, jacobian_weight=0.0, layer="concatsquash",
+           activation="tanh"):
+    r"""FFJORD (Grathwohl et al. 2019): one :class:`~pyro_flows_ext.continuous.CNF` with a
+    concat-squash dynamics network (zero-initialised: starts at the identity). Training uses
+    Hutchinson's trace (one probe per solve), eval mode the exact trace; sampling and scoring
+    each cost one adaptive ODE solve. ``augment_dim > 0`` makes it an augmented neural ODE
+    (``log_prob`` a lower bound); ``kinetic_weight``/``jacobian_weight`` switch on RNODE's
+    regularisers (:func:`pyro_flows_ext.continuous.regularization`). Trains by maximum
+    likelihood (``fit_density``) or simulation-free (``fit_flow_matching``). Arguments as in
+    :class:`~pyro_flows_ext.continuous.CNF`."""
+    from .continuous import CNF
+
+    return Flow(None, [CNF(dim, tuple(hidden_dims), trace, noise, T, solver, rtol, atol,
+                           adjoint, augment_dim, context_dim, eval_trace, kinetic_weight,
+                           jacobian_weight, layer, activation)])
+
+
+@register
+def ot_flow(dim, width=32, depth=2, rank=None, T=1.0, num_steps=8, eval_steps=12,
+            context_dim=0, transport_weight=1.0, hjb_weight=1.0):
+    r"""OT-Flow (Onken et al. 2021): one :class:`~pyro_flows_ext.continuous.OTFlow`, a
+    potential-gradient CNF with the exact trace in closed form and fixed-step RK4
+    (``num_steps`` training, ``eval_steps`` in eval mode). Its transport and HJB penalties are
+    added to the loss with :func:`pyro_flows_ext.continuous.regularization`. Arguments as in
+    :class:`~pyro_flows_ext.continuous.OTFlow`."""
+    from .continuous import OTFlow
+
+    return Flow(None, [OTFlow(dim, width, depth, rank, T, num_steps, eval_steps,
+                              context_dim, transport_weight, hjb_weight)])
+
+
 # -- surjective flows (issue 11) --------------------------------------------------------------
 
 def _inner_layers(dim, inner, num_layers, hidden_dims, count_bins, bound):
