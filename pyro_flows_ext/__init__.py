@@ -24,8 +24,9 @@ __all__ = [
 
 
 def __getattr__(name):
-    # datasets, plots and diagnostics import numpy/matplotlib/arviz: load them on first use
-    if name in ("datasets", "plots", "diagnostics"):
+    # datasets, plots and diagnostics import numpy/matplotlib/arviz, continuous imports
+    # torchdiffeq: load them on first use
+    if name in ("datasets", "plots", "diagnostics", "continuous"):
         import importlib
 
         return importlib.import_module(f"{__name__}.{name}")
