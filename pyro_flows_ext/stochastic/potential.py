@@ -7,6 +7,7 @@ import warnings
 import pyro
 import pyro.poutine as poutine
 import torch
+from pyro.infer.autoguide.initialization import InitMessenger, init_to_uniform
 from pyro.infer.mcmc.util import initialize_model
 from pyro.poutine.runtime import _DIM_ALLOCATOR
 from pyro.poutine.util import site_is_subsample
@@ -64,8 +65,13 @@ class ModelPotential:
         self.model_kwargs = dict(model_kwargs or {})
         kw = {} if init_strategy is None else {"init_strategy": init_strategy}
         with poutine.block(), _own_plate_dims():  # invisible to any program around us
+            # a first trace with initial values (improper sites cannot be sampled), for the
+            # plate nesting that initialize_model would otherwise guess by sampling the model
+            proto = poutine.trace(InitMessenger(init_strategy or init_to_uniform)(model))
+            proto = proto.get_trace(*self.model_args, **self.model_kwargs)
             init, self._pyro_potential, self._transforms, trace = initialize_model(
-                model, model_args=self.model_args, model_kwargs=self.model_kwargs, **kw)
+                model, model_args=self.model_args, model_kwargs=self.model_kwargs,
+                max_plate_nesting=self._nesting(proto), **kw)
         self._latents = [(name, site) for name, site in trace.iter_stochastic_nodes()
                          if not site_is_subsample(site)]
         if not self._latents:
@@ -82,17 +88,21 @@ class ModelPotential:
             pos += size
         self.dim = pos
         self.init = torch.cat([init[name].detach().reshape(-1) for name, _ in self._latents])
-        samples = [s for s in trace.nodes.values()
-                   if s["type"] == "sample" and not site_is_subsample(s)]
-        nesting = [-f.dim for s in samples for f in s["cond_indep_stack"]
-                   if f.vectorized and f.dim is not None]
-        nesting += [_batch_dims(s) for s in samples]
-        self.max_plate_nesting = max(nesting + [0])
+        self.max_plate_nesting = self._nesting(trace)
         if vectorize not in ("auto", True, False):
             raise ValueError(f"vectorize must be 'auto', True or False, got {vectorize!r}")
         self.vectorized = bool(vectorize)
         if vectorize == "auto":
             self.vectorized = self._check_vectorized()
+
+    @staticmethod
+    def _nesting(trace):
+        samples = [s for s in trace.nodes.values()
+                   if s["type"] == "sample" and not site_is_subsample(s)]
+        nesting = [-f.dim for s in samples for f in s["cond_indep_stack"]
+                   if f.vectorized and f.dim is not None]
+        nesting += [_batch_dims(s) for s in samples]
+        return max(nesting + [0])
 
     # -- packing ---------------------------------------------------------------------------
     def unpack(self, x):
