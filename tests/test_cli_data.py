@@ -1,4 +1,6 @@
 import json
+import math
+import re
 
 import numpy as np
 import pytest
@@ -25,18 +27,27 @@ def test_fit_and_sample_end_to_end(tmp_path, capsys):
     assert json.loads((out / "metrics.json").read_text())["steps"] == 40
 
 
-def test_fit_a_csv_file_in_its_own_units(tmp_path):
-    data = np.random.default_rng(0).normal(size=(300, 3)) * [1.0, 100.0, 0.01]
+def test_fit_a_csv_file_in_its_own_units(tmp_path, capsys):
+    # scales whose log-sum (log 200 = 5.3 nats) is the unit conversion under test
+    loc, scale = np.array([100.0, -3.0, 0.0]), np.array([10.0, 0.5, 40.0])
+    data = np.random.default_rng(0).normal(size=(2000, 3)) * scale + loc
     path = tmp_path / "d.csv"
     np.savetxt(path, data, delimiter=",", header="a,b,c", comments="")
     assert main(["fit", str(path), "--steps", "20", "--out", str(tmp_path / "o"), "--quiet"]) == 0
     metrics = json.loads((tmp_path / "o" / "metrics.json").read_text())
-    # a Gaussian with these scales has entropy ~ 4.26 + log(1 * 100 * 0.01) = 4.26 nats
-    assert 3.0 < metrics["test_nll"] < 7.0
+    printed = re.search(r"test NLL[^:\n]*: (-?[\d.]+)", capsys.readouterr().out)
+    assert printed and abs(float(printed.group(1)) - metrics["test_nll"]) < 1e-3
+    # the Gaussian's entropy in closed form, in the data's units
+    entropy = 1.5 * math.log(2 * math.pi * math.e) + np.log(scale).sum()
+    # a held-out NLL estimates it with s.e. sqrt(D / 2) / sqrt(n_test); the flow starts at
+    # (or near) the Gaussian fit, so allow that and 0.1 nats of fitting error on either side
+    se = math.sqrt(1.5 / metrics["n_test"])
+    assert entropy - 3 * se < metrics["test_nll"] < entropy + 3 * se + 0.1, metrics["test_nll"]
     assert main(["sample", str(tmp_path / "o" / "model.pt"), "-n", "2000",
                  "-o", str(tmp_path / "s.npy")]) == 0
     samples = np.load(tmp_path / "s.npy")
-    assert 20 < samples[:, 1].std() < 500  # back in the data's units
+    assert (np.abs(samples.mean(0) - loc) < 5 * scale / math.sqrt(2000)).all()  # data units
+    assert (np.abs(samples.std(0) / scale - 1) < 0.1).all()
 
 
 @pytest.mark.parametrize("argv, message", [
