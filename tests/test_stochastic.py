@@ -459,3 +459,21 @@ def test_importance_weights_and_ess():
     mean = iw.expectation(lambda x: x)
     assert abs(mean[0].item() - 0.3) < 0.05
     assert flow.training  # the mode is restored
+
+
+def test_guide_latent_layout_matches_the_potential():
+    y = torch.randn(6)
+    guide = AutoSNFGuide(constrained_model,
+                         layers=lambda dim, potential, init: [MetropolisLayer(potential)])
+    guide(y)  # traces the model, builds the potential and the flow
+    x = torch.randn(guide.latent_dim)
+    from torch.distributions import biject_to
+
+    theirs = {site["name"]: biject_to(site["fn"].support)(u)
+              for site, u in guide._unpack_latent(x)}
+    mine = guide.potential.constrain(x)
+    assert list(theirs) == list(mine)
+    for name in mine:
+        torch.testing.assert_close(mine[name], theirs[name])
+    trace = pyro.poutine.trace(guide).get_trace(y)
+    assert set(trace.nodes) >= {"mu", "s", "w", "t"}
