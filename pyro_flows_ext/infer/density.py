@@ -582,7 +582,8 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
         opt.zero_grad()
         loss.backward()
         if decayed:
-            torch._foreach_add_([p.grad for p in decayed], decayed, alpha=weight_decay)
+            live = [p for p in decayed if p.grad is not None]
+            torch._foreach_add_([p.grad for p in live], live, alpha=weight_decay)
         if clip_norm is not None:
             norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
             if not torch.isfinite(norm):
