@@ -195,9 +195,9 @@ def to_inference_data(source, *model_args, num_chains=None, model=None, guide=No
 
     Example:
         >>> import torch
-        >>> idata = to_inference_data({"a": torch.zeros(6, 2)}, num_chains=3)
-        >>> idata.posterior["a"].shape
-        (3, 2, 2)
+        >>> idata = to_inference_data({"a": torch.zeros(8, 3)}, num_chains=2)
+        >>> idata.posterior["a"].shape  # (chain, draw, *site)
+        (2, 4, 3)
     """
     if isinstance(source, az.InferenceData):
         return source
