@@ -411,8 +411,8 @@ def default_eval_every(num_steps):
 
 
 def default_patience(num_steps, eval_every):
-    """Stop after a quarter of the run's validations without progress (at least 5)."""
-    return max(5, math.ceil(num_steps / eval_every) // 4)
+    """Stop after a third of the run's validations without progress (at least 10)."""
+    return max(10, math.ceil(math.ceil(num_steps / eval_every) / 3))
 
 
 @contextlib.contextmanager
@@ -476,8 +476,8 @@ def fit_density(flow, data, num_steps=2000, batch_size=512, optim=None, val_frac
         val_data: explicit validation set.
         eval_every: steps between validations and checkpoints; default about 40 per run
             (every 10 to 100 steps).
-        patience: validations without improvement before stopping; ``"auto"`` (a quarter of
-            the run's validations, at least 5) or None (never stop early).
+        patience: validations without improvement before stopping; ``"auto"`` (a third of
+            the run's validations, at least 10) or None (never stop early).
         checkpoint: path of a checkpoint written at every validation.
         resume: continue from ``checkpoint`` if it exists: parameters, optimizer, torch's RNG
             and the data order are restored, so an interrupted run resumed with the same
