@@ -477,3 +477,18 @@ def test_guide_latent_layout_matches_the_potential():
         torch.testing.assert_close(mine[name], theirs[name])
     trace = pyro.poutine.trace(guide).get_trace(y)
     assert set(trace.nodes) >= {"mu", "s", "w", "t"}
+
+
+@pytest.mark.parametrize("name", ALL, ids=list(ALL))
+def test_likelihood_of_an_unseen_pair(name):
+    layer = ALL[name](double_well)
+    z, x = torch.randn(5, 2), torch.randn(5, 2)
+    if name == "ula":
+        with pytest.raises(pfe.core.UnseenPairError):
+            layer.log_abs_det_jacobian(z, x)
+        return
+    # -V = log pi(z) - log pi(x), computed here from the energy directly
+    torch.testing.assert_close(layer.log_abs_det_jacobian(z, x), double_well(x) - double_well(z))
+    # and the pair the layer made itself matches the same closed form
+    x2, ladj = layer.call_and_ladj(z)
+    torch.testing.assert_close(ladj, double_well(x2) - double_well(z), rtol=1e-5, atol=1e-4)

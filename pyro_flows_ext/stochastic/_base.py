@@ -103,6 +103,18 @@ class MCMCLayer(StochasticLayer):
             if self.adapt and self.training:
                 self.log_step_size.add_(self.adapt_rate * (float(acc) - self.target_accept))
 
+    @property
+    def reversible(self):
+        """Whether the kernel satisfies detailed balance for its energy (MH-corrected)."""
+        return True
+
+    def _ladj_of_unseen_pair(self, z, x):
+        """``-V = log pi(z) - log pi(x)`` for any pair: detailed balance of the ``steps``-fold
+        kernel makes the path ratio a closed form of the pair (MH-corrected layers only)."""
+        if not self.reversible:
+            return super()._ladj_of_unseen_pair(z, x)
+        return self.energy(x) - self.energy(z)
+
     def call_and_ladj(self, z):
         x, r = self._run(z)
         return x, -r  # V = r, ladj = -V

@@ -51,6 +51,10 @@ class LangevinLayer(MCMCLayer):
                              "step_size or learn_step_size=True")
         super().__init__(energy, steps, step_size, adapt=adapt, **kwargs)
 
+    @property
+    def reversible(self):
+        return self.adjusted  # ULA's V is a path ratio, not a closed form of the pair
+
     def _chain(self, y, step_size, create_graph):
         lp, g = log_pi_and_grad(self.energy, y, create_graph, self.max_grad_norm)
         lp0, path, acc = lp, 0.0, 0.0
