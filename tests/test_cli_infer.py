@@ -12,13 +12,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCHOOLS = os.path.join(ROOT, "examples", "models", "eight_schools.py")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def restore_threads():
-    threads = torch.get_num_threads()
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_infer_end_to_end(tmp_path, capsys):
     out = tmp_path / "run"
     rc = main(["infer", f"{SCHOOLS}:model", "--flow", "realnvp", "--steps", "30",
@@ -34,12 +27,18 @@ def test_infer_end_to_end(tmp_path, capsys):
 
 
 def test_infer_neutra(tmp_path, capsys):
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
     rc = main(["infer", f"{SCHOOLS}:model_noncentered", "--flow", "realnvp", "--steps", "20",
                "--diag-samples", "20", "--neutra", "--num-samples", "15", "--warmup", "10",
-               "--max-tree-depth", "4", "--quiet", "--out", str(tmp_path)])
+               "--max-tree-depth", "4", "--quiet", "--out", str(tmp_path),
+               "--threads", str(threads + 1)])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "NeuTra NUTS: 15 draws" in captured.out and "r_hat" in captured.out
+    summary = (tmp_path / "summary.csv").read_text().splitlines()
+    assert "r_hat" in summary[0] and any(line.startswith("tau,") for line in summary)
+    # the command's --threads and --seed do not leak into the caller's process
+    assert torch.get_num_threads() == threads and torch.equal(torch.get_rng_state(), rng)
 
 
 def write(tmp_path, text):
