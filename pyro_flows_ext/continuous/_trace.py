@@ -49,7 +49,7 @@ def hutchinson_divergence(f, y, eps, context=None, frobenius=False):
     the adaptive solver's step count explode."""
     create_graph = torch.is_grad_enabled()
     with torch.enable_grad():
-        if not y.requires_grad:
+        if not (create_graph and y.requires_grad):  # a leaf of its own for this product
             y = y.detach().requires_grad_()
         dy = f(y, context)
         (e_j,) = torch.autograd.grad(dy, y, eps, create_graph=create_graph)
