@@ -1,0 +1,279 @@
+"""Continuous flows side by side: our CNF (Hutchinson, exact, Hutchinson + RNODE, trained by
+flow matching), OT-Flow, zuko's CNF and a plain torchdiffeq FFJORD written here, on moons,
+checkerboard and 8gaussians (FFJORD's scales). One run, one torch thread; the methods'
+training steps are interleaved (one step of each in turn) so load on a shared machine falls
+on all of them alike, and step times are thread CPU time.
+
+Reported per method and data set: CPU ms per training step (median), function evaluations
+per step (forward solve / backward pass; flow matching: network evaluations), test NLL with
+the exact trace in eval mode, samples per CPU second.
+
+    OMP_NUM_THREADS=1 python benchmarks/cnf.py --steps 150 --n-test 1000
+"""
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from _common import CLOCK  # noqa: E402
+
+import pyro_flows_ext as pfe  # noqa: E402
+from pyro_flows_ext.continuous import regularization  # noqa: E402
+from pyro_flows_ext.infer.flow_matching import ot_pairing  # noqa: E402
+
+FLOORS = {"moons": 1.676, "checkerboard": math.log(32), "8gaussians": 2.83}
+
+
+# -- a plain torchdiffeq FFJORD (the reference's structure, nothing of ours) -----------------
+
+class PlainODEFunc(nn.Module):
+    """FFJORD's toy dynamics: concat-squash MLP (64, 64, 64), tanh; Hutchinson with a Gaussian
+    probe set once per solve (``self.e``), exact trace by one autograd call per dimension."""
+
+    def __init__(self, dim=2, hidden=(64, 64, 64)):
+        super().__init__()
+        sizes = [dim, *hidden, dim]
+        self.lin = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
+        self.gate = nn.ModuleList(nn.Linear(1, b) for b in sizes[1:])
+        self.shift = nn.ModuleList(nn.Linear(1, b, bias=False) for b in sizes[1:])
+        self.e, self.exact, self.nfe = None, False, 0
+
+    def net(self, t, x):
+        tt = t.expand(x.shape[0], 1)
+        h = x
+        for i, (lin, gate, shift) in enumerate(zip(self.lin, self.gate, self.shift)):
+            h = lin(h) * torch.sigmoid(gate(tt)) + shift(tt)
+            if i < len(self.lin) - 1:
+                h = torch.tanh(h)
+        return h
+
+    def forward(self, t, state):
+        self.nfe += 1
+        x = state[0]
+        with torch.enable_grad():
+            x = x if x.requires_grad else x.detach().requires_grad_()
+            dx = self.net(t, x)
+            if self.exact:
+                div = sum(torch.autograd.grad(dx[:, i].sum(), x, create_graph=True)[0][:, i]
+                          for i in range(x.shape[1]))
+            else:
+                e_dx = torch.autograd.grad(dx, x, self.e, create_graph=True)[0]
+                div = (e_dx * self.e).sum(1)
+        return dx, -div
+
+
+class PlainFFJORD(nn.Module):
+    def __init__(self, dim=2):
+        super().__init__()
+        self.func = PlainODEFunc(dim)
+
+    def log_prob(self, x):
+        from torchdiffeq import odeint_adjoint
+
+        self.func.exact = not self.training
+        self.func.e = torch.randn_like(x)
+        zeros = x.new_zeros(len(x))
+        ts = torch.tensor([0.0, 1.0])
+        z, dlogp = odeint_adjoint(self.func, (x, zeros), ts, rtol=1e-5, atol=1e-5,
+                                  method="dopri5", adjoint_params=tuple(self.parameters()))
+        z, dlogp = z[-1], dlogp[-1]
+        return -0.5 * z.square().sum(1) - math.log(2 * math.pi) - dlogp
+
+    @torch.no_grad()
+    def sample(self, n):
+        from torchdiffeq import odeint
+
+        self.func.exact = True
+        z = torch.randn(n, 2)
+        ts = torch.tensor([1.0, 0.0])
+        x, _ = odeint(self.func, (z, z.new_zeros(n)), ts, rtol=1e-5, atol=1e-5)
+        return x[-1]
+
+
+# -- the compared methods --------------------------------------------------------------------
+
+class Method:
+    def __init__(self, name, module, step, log_prob, sample, nfe):
+        self.name, self.module, self.step_fn = name, module, step
+        self.log_prob, self.sample, self.nfe = log_prob, sample, nfe
+        self.times, self.nfes = [], []
+
+
+def ours(name, data, lr, **kwargs):
+    flow = pfe.flows.ffjord(2, gaussian_start=False, adjoint=True, **kwargs)
+    layer = flow.transforms[0]
+    opt = torch.optim.Adam(flow.parameters(), lr)
+
+    def step(x):
+        loss = -flow.log_prob(x).mean() + regularization(flow)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return Method(name, flow, step, flow.log_prob, lambda n: flow.sample((n,)),
+                  lambda: (layer.nfe_forward, layer.nfe_backward))
+
+
+def flow_matching(data, lr):
+    flow = pfe.flows.ffjord(2, gaussian_start=False)
+    layer = flow.transforms[0]
+    opt = torch.optim.Adam(flow.parameters(), lr)
+
+    def step(x1):
+        x0 = torch.randn_like(x1)
+        x0 = x0[ot_pairing(x0, x1)]
+        t = torch.rand(len(x1))
+        xt = (1 - t[:, None]) * x0 + t[:, None] * x1
+        loss = (layer.velocity(t, xt) - (x1 - x0)).square().sum(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return Method("CNF flow matching (OT)", flow, step, flow.log_prob,
+                  lambda n: flow.sample((n,)), lambda: (1, 1))
+
+
+def ot_flow(data, lr):
+    flow = pfe.flows.ot_flow(2, gaussian_start=False)
+    layer = flow.transforms[0]
+    opt = torch.optim.Adam(flow.parameters(), lr)
+
+    def step(x):
+        loss = -flow.log_prob(x).mean() + regularization(flow)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    return Method("OT-Flow (RK4 8 steps)", flow, step, flow.log_prob,
+                  lambda n: flow.sample((n,)), lambda: (layer.nfe_forward, layer.nfe_backward))
+
+
+def zuko_cnf(data, lr):
+    import zuko  # only in this process: zuko switches off torch's argument validation
+
+    flow = zuko.flows.CNF(2, hidden_features=(64, 64, 64), atol=1e-5, rtol=1e-5)
+    counter = {"n": 0}
+    flow.transform.ode.register_forward_hook(lambda *a: counter.__setitem__("n", counter["n"] + 1))
+    opt = torch.optim.Adam(flow.parameters(), lr)
+    last = {"f": 0, "b": 0}
+
+    def step(x):
+        counter["n"] = 0
+        loss = -flow().log_prob(x).mean()
+        last["f"] = counter["n"]
+        opt.zero_grad()
+        loss.backward()
+        last["b"] = counter["n"] - last["f"]
+        opt.step()
+        return loss.item()
+
+    return Method("zuko CNF (exact)", flow, step, lambda x: flow().log_prob(x),
+                  lambda n: flow().sample((n,)), lambda: (last["f"], last["b"]))
+
+
+def plain(data, lr):
+    model = PlainFFJORD()
+    opt = torch.optim.Adam(model.parameters(), lr)
+    last = {"f": 0, "b": 0}
+
+    def step(x):
+        model.func.nfe = 0
+        loss = -model.log_prob(x).mean()
+        last["f"] = model.func.nfe
+        opt.zero_grad()
+        loss.backward()
+        last["b"] = model.func.nfe - last["f"]
+        opt.step()
+        return loss.item()
+
+    return Method("plain torchdiffeq FFJORD", model, step, model.log_prob, model.sample,
+                  lambda: (last["f"], last["b"]))
+
+
+def build(data, lr):
+    return [ours("CNF hutchinson", data, lr),
+            ours("CNF exact", data, lr, trace="exact"),
+            ours("CNF hutchinson + RNODE", data, lr, kinetic_weight=0.01, jacobian_weight=0.01),
+            flow_matching(data, lr), ot_flow(data, lr), zuko_cnf(data, lr), plain(data, lr)]
+
+
+def run(name, steps, batch, n_test, lr, seed):
+    torch.manual_seed(seed)
+    train = pfe.datasets.toy(name, 20000, seed)
+    test = pfe.datasets.toy(name, n_test, seed + 1)
+    methods = build(train, lr)
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = train[torch.randint(0, len(train), (batch,), generator=gen)]
+        for m in methods:  # interleaved: one step of each in turn
+            m.module.train()
+            start = CLOCK()
+            m.step_fn(x)
+            m.times.append(CLOCK() - start)
+            m.nfes.append(m.nfe())
+    rows = []
+    for m in methods:
+        m.module.eval()
+        start = CLOCK()
+        with torch.no_grad():
+            nll = -m.log_prob(test).mean().item()
+        score_s = CLOCK() - start
+        start = CLOCK()
+        with torch.no_grad():
+            m.sample(1000)
+        sample_s = CLOCK() - start
+        tail = m.nfes[len(m.nfes) // 2:]  # the second half of training
+        rows.append({"data": name, "method": m.name,
+                     "ms_per_step": 1e3 * statistics.median(m.times),
+                     "nfe_forward": statistics.mean(f for f, _ in tail),
+                     "nfe_backward": statistics.mean(b for _, b in tail),
+                     "test_nll": nll, "floor": FLOORS[name],
+                     "score_per_s": n_test / score_s, "samples_per_s": 1000 / sample_s})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--n-test", type=int, default=1000)
+    parser.add_argument("--lr", type=float, default=5e-3)
+    parser.add_argument("--data", default="moons,checkerboard,8gaussians")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    start = time.time()
+    rows = []
+    for name in args.data.split(","):
+        rows += run(name, args.steps, args.batch, args.n_test, args.lr, args.seed)
+    print(f"\n{args.steps} steps, batch {args.batch}, lr {args.lr}, {args.n_test} test points; "
+          f"{time.time() - start:.0f} s wall")
+    header = (f"{'data':<13}{'method':<28}{'ms/step':>9}{'NFE f/b':>12}{'NLL':>8}{'floor':>7}"
+              f"{'samples/s':>11}")
+    print(header)
+    for r in rows:
+        print(f"{r['data']:<13}{r['method']:<28}{r['ms_per_step']:>9.1f}"
+              f"{r['nfe_forward']:>6.0f}/{r['nfe_backward']:<5.0f}{r['test_nll']:>8.3f}"
+              f"{r['floor']:>7.3f}{r['samples_per_s']:>11.0f}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
