@@ -69,9 +69,12 @@ def cmd_fit(args):
     train, test = as_data(train, flow), as_data(test, flow, "test")
     checkpoint = os.path.join(out, "model.pt")
     start = _checkpoint_step(checkpoint) if args.resume else None
-    history = fit_density(flow, train, num_steps=args.steps, batch_size=args.batch_size,
-                          optim=pyro.optim.Adam({"lr": args.lr}), checkpoint=checkpoint,
-                          resume=args.resume, progress=not args.quiet, seed=args.seed)
+    fit = fit_density
+    if getattr(args, "objective", "likelihood") == "flow-matching":
+        from .infer.flow_matching import fit_flow_matching as fit
+    history = fit(flow, train, num_steps=args.steps, batch_size=args.batch_size,
+                  optim=pyro.optim.Adam({"lr": args.lr}), checkpoint=checkpoint,
+                  resume=args.resume, progress=not args.quiet, seed=args.seed)
     bound = "" if flow.is_exact else " (upper bound)"
     steps_done = len(history["loss"]) - history.get("start_step", 0)
     metrics = {"data": args.data, "flow": args.flow, "steps": len(history["loss"]),
@@ -325,6 +328,9 @@ def build_parser():
     fit.add_argument("--threads", type=int, default=1,
                      help="torch threads (1 is fastest for small flows on shared machines)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.add_argument("--objective", choices=("likelihood", "flow-matching"),
+                     default="likelihood", help="maximum likelihood, or flow matching (a "
+                     "CNF flow such as --flow ffjord: no ODE solve per step)")
     fit.set_defaults(run=cmd_fit)
     sample = sub.add_parser("sample", help="draw samples from a saved flow")
     sample.add_argument("checkpoint")
