@@ -4,12 +4,11 @@ order statistics of a standard normal and a bijection onto increasing vectors.""
 import math
 
 import torch
-import torch.nn.functional as F
 from pyro.distributions import TorchDistribution
 from torch.distributions import constraints
 
 from ..core import FlowLayer, Surjection
-from ._densities import softplus_inverse
+from .abs import _LOG2, half_normal_map, half_normal_map_inverse
 
 __all__ = ["Sort", "OrderStatistics", "Ordered"]
 
@@ -101,8 +100,15 @@ class OrderStatistics(TorchDistribution):
 
 class Ordered(FlowLayer):
     r"""Bijection from :math:`\mathbb{R}^D` onto ascending vectors (the cone :class:`Sort`
-    needs on its base side): :math:`x_1 = z_1,\ x_i = x_{i-1} + \mathrm{softplus}(z_i)`,
-    :math:`\log|\det J| = \sum_{i \ge 2} \log \sigma(z_i)`. Exact; one pass either way.
+    needs on its base side): :math:`x_1 = z_1,\ x_i = x_{i-1} + H(z_i)` with
+    :math:`H` the :class:`~pyro_flows_ext.surjections.HalfNormalMap` (so :math:`N(0, 1)`
+    increments become half-normal gaps), :math:`\log|\det J| = \sum_{i \ge 2}
+    ((x_i - x_{i-1})^2 - z_i^2)/2 - \log 2`. Exact; one pass either way.
+
+    Why not ``softplus`` or ``exp`` gaps: sorted samples have gaps whose density is finite and
+    non-zero at 0 (near-ties are common), which those maps send to an exponential tail at
+    :math:`z \to -\infty` that a Gaussian base cannot follow; :math:`H` keeps gaps near 0 at
+    :math:`z` of order 1 and Gaussian tails for large gaps.
 
     Args:
         dim: event size ``D``.
@@ -115,14 +121,15 @@ class Ordered(FlowLayer):
 
     def call_and_ladj(self, z):
         first, rest = z[..., :1], z[..., 1:]
-        x = torch.cat([first, first + F.softplus(rest).cumsum(-1)], -1)
-        return x, F.logsigmoid(rest).sum(-1)
+        gaps = half_normal_map(rest)
+        x = torch.cat([first, first + gaps.cumsum(-1)], -1)
+        return x, (0.5 * (gaps.square() - rest.square()) - _LOG2).sum(-1)
 
     def inverse_and_ladj(self, x):
         gaps = x.diff(dim=-1).clamp_min(torch.finfo(x.dtype).tiny)  # ties: finite, not NaN
-        # log sigmoid(softplus^-1(d)) = log(1 - e^-d)
-        return (torch.cat([x[..., :1], softplus_inverse(gaps)], -1),
-                -torch.log(-torch.expm1(-gaps)).sum(-1))
+        rest = half_normal_map_inverse(gaps)
+        return (torch.cat([x[..., :1], rest], -1),
+                -(0.5 * (gaps.square() - rest.square()) - _LOG2).sum(-1))
 
     def extra_repr(self):
         return f"dim={self.dim}"
