@@ -435,3 +435,44 @@ def test_rnode_regularisers_cut_the_number_of_function_evaluations():
             flow.log_prob(data[:500])
         nfes[weight] = layer.nfe_forward
     assert nfes[0.05] < 0.8 * nfes[0.0]
+
+
+def test_flow_matching_errors_are_fit_densitys():
+    data = moons(200, 0)
+    flow = pfe.flows.ffjord(2, hidden_dims=(8, 8))
+    with pytest.raises(ValueError, match="num_steps"):
+        fit_flow_matching(flow, data, num_steps=-1)
+    with pytest.raises(ValueError, match="coupling"):
+        fit_flow_matching(flow, data, coupling="sinkhorn")
+    bad = data.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="row 3"):
+        fit_flow_matching(flow, bad, num_steps=1, progress=False)
+    with pytest.raises(TypeError, match="exactly one CNF"):
+        fit_flow_matching(pfe.flows.realnvp(2, num_layers=1), data, num_steps=1)
+
+
+def test_flow_matching_resume_matches_an_uninterrupted_run(tmp_path):
+    data = moons(600, 0)
+    kwargs = dict(batch_size=64, progress=False, eval_every=10, val_size=32, patience=None,
+                  optim=pyro.optim.Adam({"lr": 1e-2}))
+
+    def make():
+        torch.manual_seed(3)
+        return pfe.flows.ffjord(2, hidden_dims=(8, 8), rtol=1e-3, atol=1e-3)
+
+    full = make()
+    torch.manual_seed(4)
+    fit_flow_matching(full, data, num_steps=20, checkpoint=tmp_path / "a.pt", **kwargs)
+    part = make()
+    torch.manual_seed(4)
+    fit_flow_matching(part, data, num_steps=10, checkpoint=tmp_path / "b.pt", **kwargs)
+    resumed = make()
+    hist = fit_flow_matching(resumed, data, num_steps=20, checkpoint=tmp_path / "b.pt",
+                             resume=True, **kwargs)
+    assert hist["start_step"] == 10 and len(hist["loss"]) == 20
+    current = torch.load(tmp_path / "a.pt", weights_only=False)["current_state"]
+    for key, value in torch.load(tmp_path / "b.pt", weights_only=False)["current_state"].items():
+        torch.testing.assert_close(value, current[key])
+    loaded = pfe.load(tmp_path / "b.pt")  # the checkpoint is a loadable model
+    assert isinstance(loaded.transforms[0], CNF)
