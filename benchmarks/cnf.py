@@ -8,7 +8,8 @@ Reported per method and data set: CPU ms per training step (median), function ev
 per step (forward solve / backward pass; flow matching: network evaluations), test NLL with
 the exact trace in eval mode, samples per CPU second.
 
-    OMP_NUM_THREADS=1 python benchmarks/cnf.py --steps 150 --n-test 1000
+    OMP_NUM_THREADS=1 python benchmarks/cnf.py --steps 100 --n-test 1000
+    OMP_NUM_THREADS=1 python benchmarks/cnf.py --steps 100 --methods fm,otflow,plain --equal-time
 """
 
 import argparse
@@ -203,18 +204,20 @@ def plain(data, lr):
                   lambda: (last["f"], last["b"]))
 
 
-def build(data, lr):
-    return [ours("CNF hutchinson", data, lr),
-            ours("CNF exact", data, lr, trace="exact"),
-            ours("CNF hutchinson + RNODE", data, lr, kinetic_weight=0.01, jacobian_weight=0.01),
-            flow_matching(data, lr), ot_flow(data, lr), zuko_cnf(data, lr), plain(data, lr)]
+BUILDERS = {
+    "hutchinson": lambda d, lr: ours("CNF hutchinson", d, lr),
+    "exact": lambda d, lr: ours("CNF exact", d, lr, trace="exact"),
+    "rnode": lambda d, lr: ours("CNF hutchinson + RNODE", d, lr, kinetic_weight=0.01,
+                                jacobian_weight=0.01),
+    "fm": flow_matching, "otflow": ot_flow, "zuko": zuko_cnf, "plain": plain,
+}
 
 
-def run(name, steps, batch, n_test, lr, seed):
+def run(name, steps, batch, n_test, lr, seed, keys, equal_time):
     torch.manual_seed(seed)
     train = pfe.datasets.toy(name, 20000, seed)
     test = pfe.datasets.toy(name, n_test, seed + 1)
-    methods = build(train, lr)
+    methods = [BUILDERS[k](train, lr) for k in keys]
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x = train[torch.randint(0, len(train), (batch,), generator=gen)]
@@ -224,6 +227,18 @@ def run(name, steps, batch, n_test, lr, seed):
             m.step_fn(x)
             m.times.append(CLOCK() - start)
             m.nfes.append(m.nfe())
+    if equal_time:  # the cheap methods go on until they have used the plain FFJORD's CPU time
+        budget = sum(next(m for m in methods if m.name.startswith("plain")).times)
+        for m in methods:
+            if m.name.startswith(("CNF flow matching", "OT-Flow")):
+                m.module.train()
+                while sum(m.times) < budget:
+                    x = train[torch.randint(0, len(train), (batch,), generator=gen)]
+                    start = CLOCK()
+                    m.step_fn(x)
+                    m.times.append(CLOCK() - start)
+                    m.nfes.append(m.nfe())
+                m.name += f" [{len(m.times)} steps]"
     rows = []
     for m in methods:
         m.module.eval()
@@ -255,19 +270,25 @@ def main():
     parser.add_argument("--data", default="moons,checkerboard,8gaussians")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=None)
+    parser.add_argument("--methods", default=",".join(BUILDERS),
+                        help=f"comma-separated subset of {','.join(BUILDERS)}")
+    parser.add_argument("--equal-time", action="store_true",
+                        help="after the interleaved steps, train flow matching and OT-Flow on "
+                             "until each has used the plain FFJORD's CPU time")
     args = parser.parse_args()
     torch.set_num_threads(1)
     start = time.time()
     rows = []
     for name in args.data.split(","):
-        rows += run(name, args.steps, args.batch, args.n_test, args.lr, args.seed)
+        rows += run(name, args.steps, args.batch, args.n_test, args.lr, args.seed,
+                    args.methods.split(","), args.equal_time)
     print(f"\n{args.steps} steps, batch {args.batch}, lr {args.lr}, {args.n_test} test points; "
           f"{time.time() - start:.0f} s wall")
-    header = (f"{'data':<13}{'method':<28}{'ms/step':>9}{'NFE f/b':>12}{'NLL':>8}{'floor':>7}"
+    header = (f"{'data':<13}{'method':<40}{'ms/step':>9}{'NFE f/b':>12}{'NLL':>8}{'floor':>7}"
               f"{'samples/s':>11}")
     print(header)
     for r in rows:
-        print(f"{r['data']:<13}{r['method']:<28}{r['ms_per_step']:>9.1f}"
+        print(f"{r['data']:<13}{r['method']:<40}{r['ms_per_step']:>9.1f}"
               f"{r['nfe_forward']:>6.0f}/{r['nfe_backward']:<5.0f}{r['test_nll']:>8.3f}"
               f"{r['floor']:>7.3f}{r['samples_per_s']:>11.0f}")
     if args.out:
