@@ -78,8 +78,8 @@ class Affine(ElementMap):
 
     def inverse(self, y, theta):
         shift, raw = theta.unbind(-1)
-        log_scale = soft_clamp(raw, self.clamp)
-        return (y - shift) * torch.exp(-log_scale), -log_scale
+        neg_log_scale = -soft_clamp(raw, self.clamp)
+        return (y - shift) * neg_log_scale.exp(), neg_log_scale
 
     def unflatten(self, flat, n):
         # parameter-major ([shifts | log-scales], as RealNVP's chunk(2)), viewed as (..., n, 2)
