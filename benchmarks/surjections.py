@@ -9,9 +9,10 @@ chosen to match) and the same step budget, seed and minibatch sequence:
 2. augmentation (checkerboard, ring): ``realnvp(2)`` vs an augmented realnvp
    (``realnvp(4)`` layers, then ``Augment(2, 2)``): test NLL from the single-draw bound and
    the importance-weighted bound at K = 1, 10, 100 (``pfe.infer.iw_log_prob``);
-3. exchangeable sets: vectors of D = 6 iid points of a 1-D two-component mixture, in random
-   order: ``nsf(6)`` vs the same couplings, then ``Ordered`` + ``Sort`` (a density on sorted
-   vectors made exchangeable); per-point NLL.
+3. exchangeable sets of D = 6 points, in random order: iid points of a 1-D two-component
+   mixture (``sets``), and points iid only given a random set centre (``shared-sets``):
+   ``nsf(6)`` vs the same couplings, then ``Ordered`` + ``Sort`` (a density on sorted vectors
+   made exchangeable); per-point NLL.
 
 Measured: test NLL (nats; per point for the sets) with the data's true entropy beside it
 (closed form or Monte Carlo from the exact density), training steps/s and ``log_prob`` and
@@ -88,6 +89,33 @@ def sets(n, g):
     return MIX_LOC[comp] + MIX_SCALE[comp] * torch.randn(n, SET_SIZE, generator=g)
 
 
+SHARED_SCALE, SHARED_OFFSET, SHARED_NOISE = 1.5, 1.0, 0.25
+
+
+def shared_sets(n, g):
+    """Exchangeable but dependent: a set centre c ~ N(0, 1.5^2), each point c +- 1 (fair coin)
+    plus N(0, 0.25^2) noise; the points are iid only given c."""
+    c = SHARED_SCALE * torch.randn(n, 1, generator=g)
+    side = torch.where(torch.rand(n, SET_SIZE, generator=g) < 0.5, -1.0, 1.0)
+    return c + SHARED_OFFSET * side + SHARED_NOISE * torch.randn(n, SET_SIZE, generator=g)
+
+
+def shared_sets_log_prob(x, grid=4001):
+    """Per-point log-density (each point's share of the set's), the integral over the centre
+    on a fine grid (midpoint rule on a smooth integrand; error far below the MC error)."""
+    c = torch.linspace(-10.0, 10.0, grid, dtype=torch.float64)
+    log_w = torch.distributions.Normal(0.0, SHARED_SCALE).log_prob(c) + math.log(c[1] - c[0])
+    out = []
+    for part in x.split(2000):
+        d = part.unsqueeze(-1) - c  # (n, D, grid)
+        noise = torch.distributions.Normal(0.0, SHARED_NOISE)
+        point = torch.logsumexp(torch.stack([noise.log_prob(d - SHARED_OFFSET),
+                                             noise.log_prob(d + SHARED_OFFSET)]), 0) - math.log(2)
+        out.append(torch.logsumexp(point.sum(1) + log_w, -1))
+    lp = torch.cat(out)
+    return (lp / x.shape[-1]).unsqueeze(-1).expand(x.shape)
+
+
 def mixture_log_prob(x):
     comps = torch.distributions.Normal(MIX_LOC.double(), MIX_SCALE.double())
     return torch.logsumexp(comps.log_prob(x.unsqueeze(-1)) + MIX_W.double().log(), -1)
@@ -107,6 +135,7 @@ DATA = {
                      lambda: (math.log(32.0), 0.0)),
     "ring": (ring, lambda: entropy(ring, ring_log_prob)),
     "sets": (sets, lambda: entropy(sets, mixture_log_prob)),
+    "shared-sets": (shared_sets, lambda: entropy(shared_sets, shared_sets_log_prob, n=50_000)),
 }
 
 # -- models ------------------------------------------------------------------------------------
@@ -187,7 +216,7 @@ class Peer:
     @torch.no_grad()
     def evaluate(self, ks=(1, 10, 100)):
         self.flow.eval()
-        per = self.test.shape[-1] if self.task == "sets" else 1
+        per = self.test.shape[-1] if self.task.endswith("sets") else 1
         out = {"params": count(self.flow), "exact": self.flow.is_exact,
                "nll": -self.flow.log_prob(self.test).mean().item() / per}
         if not self.flow.is_exact:
@@ -261,7 +290,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--block", type=int, default=100, help="steps per interleaved round")
     parser.add_argument("--quick", action="store_true", help="200 steps")
-    parser.add_argument("--tasks", default="mirrored,checkerboard,ring,augment,sets")
+    parser.add_argument("--tasks", default="mirrored,checkerboard,ring,augment,sets,shared-sets")
     parser.add_argument("--out", default=os.path.join("benchmarks", "out"))
     args = parser.parse_args(argv)
     steps = 200 if args.quick else args.steps
@@ -272,9 +301,8 @@ def main(argv=None):
 
     peers = []
     for task in tasks:
-        source = "sets" if task == "sets" else task
-        groups = [(source, symmetric_models if task in ("mirrored", "checkerboard", "ring")
-                   else set_models if task == "sets" else None)]
+        groups = [(task, symmetric_models if task in ("mirrored", "checkerboard", "ring")
+                   else set_models if task in ("sets", "shared-sets") else None)]
         if task == "augment":
             groups = [(src, augmented_models) for src in ("checkerboard", "ring")]
         for src, make in groups:
