@@ -436,11 +436,11 @@ def _divergence_advice(data, flow):
     standardized = any(type(t).__name__ == "Standardize" and getattr(t, "is_initialized", False)
                        for t in flow.transforms)
     if not standardized and (big > 1e4 or spread.min().item() < 1e-4):
-        return (f"the data reach |x| = {big:.3g} with column standard deviations from "
+        return (f"The data reach |x| = {big:.3g} with column standard deviations from "
                 f"{spread.min().item():.3g} to {spread.max().item():.3g}: standardise them "
                 "first (a Standardize layer, e.g. a builder's standardize=True, or "
                 "(x - mean) / std)")
-    return "try a smaller learning rate or clip_norm=..."
+    return "Try a smaller learning rate or clip_norm=..."
 
 
 # -- the loop --------------------------------------------------------------------------------
