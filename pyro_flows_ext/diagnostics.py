@@ -12,8 +12,7 @@ import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 
-__all__ = ["log_importance_weights", "psis_khat", "log_evidence", "to_inference_data",
-           "check_model_args"]
+__all__ = ["log_importance_weights", "psis_khat", "log_evidence", "to_inference_data"]
 
 
 def check_model_args(caller, model, args, kwargs):
