@@ -89,7 +89,7 @@ def svi_samples(mcmc_steps, steps):
                                                max_plate_nesting=0))
     for _ in range(steps):
         svi.step()
-    return guide.sample_unconstrained(3000)
+    return guide.sample_unconstrained(num_samples=3000)
 
 
 def main():

@@ -280,12 +280,23 @@ def _model_stem(spec):
 
 
 def _plot_inference(idata, out):
-    import matplotlib
-
-    matplotlib.use("Agg")
     import arviz as az
     import matplotlib.pyplot as plt
 
+    # arviz draws with pyplot: switch to Agg for these figures only, then restore the
+    # caller's backend (main() may run inside a notebook)
+    backend = plt.get_backend()
+    plt.switch_backend("Agg")
+    try:
+        _plot_inference_figures(az, plt, idata, out)
+    finally:
+        try:
+            plt.switch_backend(backend)
+        except ImportError:  # an interactive backend that cannot load here
+            pass
+
+
+def _plot_inference_figures(az, plt, idata, out):
     # at most 8 scalar panels keep the figures readable for models with many coordinates
     names = list(idata.posterior.data_vars)
     coords = {}

@@ -280,7 +280,7 @@ def _svi(mcmc_steps, steps=60):
                          pyro.infer.Trace_ELBO(num_particles=32, vectorize_particles=True,
                                                max_plate_nesting=0))
     losses = [svi.step() for _ in range(steps)]
-    x = guide.sample_unconstrained(2000)
+    x = guide.sample_unconstrained(num_samples=2000)
     return losses, (x[:, 0] > 0).float().mean().item(), guide
 
 

@@ -311,21 +311,22 @@ class AutoFlowGuide(AutoContinuous):
         return pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
 
     @torch.no_grad()
-    def sample_unconstrained(self, num_samples=1000, *args, **kwargs):
-        """Draws ``(num_samples, D)`` unconstrained latent vectors (no gradient)."""
+    def sample_unconstrained(self, *args, num_samples=1000, **kwargs):
+        """Draws ``(num_samples, D)`` unconstrained latent vectors (no gradient); ``args`` and
+        ``kwargs`` are the model's own."""
         return self.get_posterior(*args, **kwargs).sample((num_samples,))
 
     @torch.no_grad()
     def _loc_scale(self, *args, **kwargs):
         # a flow posterior has no closed-form loc/scale: Monte Carlo median and spread
-        x = self.sample_unconstrained(2000, *args, **kwargs)
+        x = self.sample_unconstrained(*args, num_samples=2000, **kwargs)
         return x.median(0).values, x.std(0)
 
     @torch.no_grad()
     def quantiles(self, quantiles, *args, num_samples=4000, **kwargs):
         """Monte Carlo posterior quantiles of each latent site (a dict of
         ``(len(quantiles), *site_shape)`` tensors)."""
-        x = self.sample_unconstrained(num_samples, *args, **kwargs)
+        x = self.sample_unconstrained(*args, num_samples=num_samples, **kwargs)
         q = torch.as_tensor(quantiles, dtype=x.dtype, device=x.device)
         if q.dim() != 1 or ((q < 0) | (q > 1)).any():
             raise ValueError(f"quantiles must be a list of numbers in [0, 1], got {quantiles}")
