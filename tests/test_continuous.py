@@ -476,3 +476,19 @@ def test_flow_matching_resume_matches_an_uninterrupted_run(tmp_path):
         torch.testing.assert_close(value, current[key])
     loaded = pfe.load(tmp_path / "b.pt")  # the checkpoint is a loadable model
     assert isinstance(loaded.transforms[0], CNF)
+
+
+def test_exact_trace_methods_agree_with_autograd():
+    from pyro_flows_ext.continuous._trace import exact_divergence
+
+    net = pfe.nn.TimeMLP(3, (16, 16), context_dim=2, zero_init=False).double()
+    t = torch.tensor(0.4, dtype=F64)
+    y, c = torch.randn(5, 3, dtype=F64, requires_grad=True), torch.randn(5, 2, dtype=F64)
+    jac = torch.stack([torch.autograd.functional.jacobian(
+        lambda r, ci=ci: net(t, r[None], ci[None])[0], yi.detach()) for yi, ci in zip(y, c)])
+    for method in ("vjp", "jacrev"):
+        dy, trace, frob = exact_divergence(lambda a, b: net(t, a, b), y, c, True, method)
+        torch.testing.assert_close(dy, net(t, y, c))
+        torch.testing.assert_close(trace, jac.diagonal(dim1=-2, dim2=-1).sum(-1))
+        torch.testing.assert_close(frob, jac.square().sum((-2, -1)))
+        assert trace.requires_grad and frob.requires_grad

@@ -11,6 +11,7 @@ is refused.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["ConcatLinear", "ConcatSquashLinear", "TimeMLP"]
@@ -29,8 +30,10 @@ class ConcatLinear(nn.Module):
         self.linear = nn.Linear(in_dim + 1, out_dim)
 
     def forward(self, t, h):
+        # W [h, t] + b = W_h h + (W_t t + b): the time column is added, never concatenated
         t = torch.as_tensor(t, dtype=h.dtype, device=h.device)
-        return self.linear(torch.cat([h, t.expand(h.shape[:-1]).unsqueeze(-1)], -1))
+        w = self.linear.weight
+        return F.linear(h, w[:, :-1]) + (t.unsqueeze(-1) * w[:, -1] + self.linear.bias)
 
 
 class ConcatSquashLinear(nn.Module):
@@ -45,8 +48,8 @@ class ConcatSquashLinear(nn.Module):
         self.shift = nn.Linear(1, out_dim, bias=False)
 
     def forward(self, t, h):
-        t = torch.as_tensor(t, dtype=h.dtype, device=h.device)
-        t = t.expand(h.shape[:-1]).unsqueeze(-1)
+        # one time for the batch (an ODE solve) costs one row; per-row times broadcast too
+        t = torch.as_tensor(t, dtype=h.dtype, device=h.device).unsqueeze(-1)
         return self.linear(h) * torch.sigmoid(self.gate(t)) + self.shift(t)
 
 
