@@ -12,7 +12,24 @@ import torch
 from pyro import poutine
 from pyro.infer.importance import vectorized_importance_weights
 
-__all__ = ["log_importance_weights", "psis_khat", "log_evidence", "to_inference_data"]
+__all__ = ["DiagnosticWarning", "KHAT_SCOPE", "log_importance_weights", "psis_khat",
+           "log_evidence", "mcmc_warnings", "to_inference_data"]
+
+
+class DiagnosticWarning(UserWarning):
+    """A run's diagnostics say its draws or its guide may not be trustworthy (divergences,
+    small effective sample sizes, R-hat above 1.01, a guide's k-hat above 0.7). Raised by
+    :func:`~pyro_flows_ext.infer.neutra_mcmc`; filter it with
+    ``warnings.simplefilter("error", DiagnosticWarning)`` to make such runs fail."""
+
+
+KHAT_SCOPE = ("it checks that the guide's tails are not too light where the guide has mass; "
+              "it cannot see posterior regions the guide never visits (a missed mode, the "
+              "unexplored part of a ring)")
+"""What PSIS k-hat can and cannot tell, in one sentence (printed next to every k-hat)."""
+
+#: Thresholds of :func:`mcmc_warnings`: divergent fraction of draws, ESS per chain, R-hat.
+MAX_DIVERGENT_FRACTION, MIN_ESS_PER_CHAIN, MAX_RHAT = 0.01, 100, 1.01
 
 
 def check_model_args(caller, model, args, kwargs):
@@ -152,8 +169,12 @@ def log_evidence(model, guide, *args, num_samples=1000, **kwargs):
         *args: the model's positional arguments.
         num_samples: draws ``S`` (keyword-only).
         **kwargs: the model's keyword arguments.
-    Returns: a dict with ``log_evidence``, ``elbo``, ``elbo_se`` (standard error), ``khat``
-    and ``ess`` (importance-sampling effective sample size), all floats.
+    Returns: a dict with ``log_evidence``, ``log_evidence_se``, ``elbo``, ``elbo_se``
+    (standard errors), ``khat`` and ``ess`` (importance-sampling effective sample size), all
+    floats. ``log_evidence_se`` is the delta-method standard error
+    :math:`\mathrm{sd}(w)/(\sqrt S\,\bar w)`: it is itself unreliable when ``khat`` is above
+    0.5 (the weights' variance may be infinite), and no error bar covers posterior mass the
+    guide never visits (see :data:`KHAT_SCOPE`).
     """
     check_model_args("log_evidence", model, args, kwargs)
     log_w = log_importance_weights(model, guide, *args, num_samples=num_samples,
@@ -162,11 +183,82 @@ def log_evidence(model, guide, *args, num_samples=1000, **kwargs):
     n = log_w.numel()
     lse = torch.logsumexp(log_w, 0)
     w = torch.exp(log_w - lse)
+    # delta method on log(mean w): sd(w / mean w) / sqrt(S); weights normalised to mean 1
+    ratio = w * n
+    log_evidence_se = float(ratio.std() / math.sqrt(n)) if torch.isfinite(lse) else math.nan
     return {"log_evidence": float(lse - math.log(n)),
+            "log_evidence_se": log_evidence_se,
             "elbo": float(log_w.mean()),
             "elbo_se": float(finite.std() / math.sqrt(max(len(finite), 1))),
             "khat": _khat(log_w),
             "ess": float(1.0 / w.square().sum())}
+
+
+def _worst(dataset, reverse=False, limit=3):
+    """``(value, 'site[i]')`` pairs of an arviz dataset's coordinates, the smallest first (the
+    largest with ``reverse``), NaN dropped."""
+    pairs = []
+    for name in dataset.data_vars:
+        values = np.asarray(dataset[name].values, dtype=float)
+        for index in np.ndindex(values.shape):
+            v = values[index]
+            if np.isfinite(v):
+                label = name + (f"[{','.join(map(str, index))}]" if index else "")
+                pairs.append((float(v), label))
+    pairs.sort(key=lambda p: -p[0] if reverse else p[0])
+    return pairs[:limit] if limit else pairs
+
+
+def _named(pairs, fmt):
+    return ", ".join(f"{label} {fmt.format(v)}" for v, label in pairs)
+
+
+def mcmc_warnings(idata, max_divergent=MAX_DIVERGENT_FRACTION, min_ess_per_chain=MIN_ESS_PER_CHAIN,
+                  max_rhat=MAX_RHAT, limit=3):
+    r"""One-line warnings about an MCMC run's draws, naming the worst sites (``limit`` each).
+
+    Checks: divergent transitions above ``max_divergent`` (1%) of the draws
+    (``sample_stats.diverging``); any site's bulk or tail ESS below ``min_ess_per_chain``
+    (100) per chain (arviz's rank-normalised ESS); R-hat above ``max_rhat`` (1.01; with one
+    chain R-hat cannot be computed, which is said instead). Thresholds from Vehtari et al.
+    (2021), https://arxiv.org/abs/1903.08008.
+
+    Args:
+        idata: ``arviz.InferenceData`` with a ``posterior`` group ``(chain, draw, *site)``.
+    Returns: a list of strings, empty when the run passes every check.
+    """
+    post = idata.posterior
+    chains, draws = post.sizes["chain"], post.sizes["draw"]
+    total = chains * draws
+    out = []
+    if "sample_stats" in idata.groups() and "diverging" in idata.sample_stats:
+        n_div = int(np.asarray(idata.sample_stats["diverging"].values).sum())
+        if n_div > max_divergent * total:
+            out.append(f"{n_div} of {total} draws ({100 * n_div / total:.1f}%) are divergent "
+                       f"(more than {100 * max_divergent:g}%): the sampler did not explore the "
+                       "posterior's curved or narrow regions and the draws are biased")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        low = []
+        for method in ("bulk", "tail"):
+            for v, label in _worst(az.ess(post, method=method), limit=0):
+                if v < min_ess_per_chain * chains:
+                    low.append((v, f"{label} ({method})"))
+        low.sort()
+        rhat = _worst(az.rhat(post), reverse=True, limit=0) if chains > 1 else []
+    if low:
+        out.append(f"effective sample size below {min_ess_per_chain} per chain "
+                   f"({min_ess_per_chain * chains} for {chains} chain"
+                   f"{'s' if chains > 1 else ''}): worst {_named(low[:limit], '{:.0f}')}; "
+                   "estimates from these draws are unreliable (run longer)")
+    high = [(v, label) for v, label in rhat if v > max_rhat]
+    if high:
+        out.append(f"R-hat above {max_rhat:g}: worst {_named(high[:limit], '{:.3f}')}; the "
+                   "chains disagree (not converged)")
+    elif chains == 1:
+        out.append("one chain: R-hat cannot be computed; run 2 or more chains to check "
+                   "convergence")
+    return out
 
 
 def _to_numpy(value):

@@ -1,6 +1,7 @@
 """NeuTra HMC: NUTS in the space of a trained flow guide's base distribution."""
 
 import time
+import warnings
 from typing import NamedTuple
 
 import pyro
@@ -11,7 +12,7 @@ from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.reparam import NeuTraReparam
 from torch.distributions.transforms import ComposeTransform
 
-__all__ = ["NeuTraResult", "neutra_mcmc", "check_deterministic"]
+__all__ = ["NeuTraResult", "neutra_mcmc", "check_deterministic", "guide_advice"]
 
 
 class NeuTraResult(NamedTuple):
@@ -64,15 +65,41 @@ def check_deterministic(guide):
                 "NUTS needs a deterministic potential: rebuild the guide without it")
 
 
-def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, num_chains=1,
+KHAT_NEUTRA = 0.7
+"""Above this PSIS k-hat the guide is not good enough for NeuTra: :func:`neutra_mcmc` warns."""
+
+
+def guide_advice(khat):
+    """The warning :func:`neutra_mcmc` gives before sampling when the guide's k-hat is above
+    :data:`KHAT_NEUTRA` (``None`` when it is not)."""
+    from ..diagnostics import KHAT_SCOPE
+
+    if khat == khat and khat <= KHAT_NEUTRA:
+        return None
+    return (f"the guide's PSIS k-hat is {khat:.2f} (> {KHAT_NEUTRA}): it is not good enough "
+            "for NeuTra, whose chains will mix badly where the guide's tails are too light. "
+            "Train it longer, with pyro.optim.ClippedAdam; for funnel-like hierarchical "
+            "models use the README's recipe AutoFlowGuide(model, flow=(), stl=True) with "
+            "ClippedAdam({'lr': 1e-2, 'clip_norm': 1.0}); or run plain NUTS. (k-hat: "
+            f"{KHAT_SCOPE})")
+
+
+def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, num_chains=2,
                 seed=None, target_accept_prob=0.8, max_tree_depth=10, progress=False,
-                **model_kwargs):
+                check_guide=True, **model_kwargs):
     r"""NUTS on the model reparameterised by a trained flow guide (NeuTra, Hoffman et al. 2019).
 
     With the guide's map :math:`\theta = f(z)`, NUTS samples
     :math:`p(z \mid x) \propto p(x, f(z))\, |\det \partial f/\partial z|`, which is near
     :math:`N(0, I)` when the guide is good; draws are mapped back through :math:`f` and each
     site's support transform. Chains run one after another in this process.
+
+    Diagnostics (one :class:`~pyro_flows_ext.diagnostics.DiagnosticWarning` each, naming the
+    worst sites): before sampling, when the guide's PSIS k-hat (500 guide draws) is above
+    0.7, with what to do instead; after sampling, when divergences exceed 1% of the draws,
+    when any bulk or tail ESS is below 100 per chain, or when R-hat is above 1.01
+    (:func:`~pyro_flows_ext.diagnostics.mcmc_warnings`). Two chains by default, so R-hat is
+    defined.
 
     Everything after ``guide`` that is positional goes to the model, and the options are
     keyword-only: ``neutra_mcmc(model, guide, x, y, num_samples=500)`` runs ``model(x, y)``.
@@ -84,10 +111,13 @@ def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, n
         *model_args: the model's positional arguments.
         num_samples: draws per chain kept after warmup.
         warmup_steps: adaptation steps per chain.
-        num_chains: number of chains.
+        num_chains: number of chains (default 2; R-hat needs at least 2).
         seed: seeds ``pyro.set_rng_seed`` once before the first chain.
         target_accept_prob, max_tree_depth: NUTS settings.
         progress: show Pyro's progress bar.
+        check_guide: ``True`` computes the guide's k-hat first and warns above 0.7 (the
+            global RNG is left as it was); ``False`` skips it; a number is taken as a k-hat
+            already computed (e.g. by :func:`~pyro_flows_ext.diagnostics.psis_khat`).
         **model_kwargs: the model's keyword arguments.
     Returns: a :class:`NeuTraResult`.
     Raises: ``TypeError`` when the model does not accept ``model_args``/``model_kwargs``
@@ -96,7 +126,12 @@ def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, n
     References: NeuTra-lizing Bad Geometry in Hamiltonian Monte Carlo Using Neural Transport,
     https://arxiv.org/abs/1903.03704
     """
-    from ..diagnostics import check_model_args, to_inference_data  # arviz only when needed
+    from ..diagnostics import (  # arviz only when needed
+        DiagnosticWarning,
+        check_model_args,
+        mcmc_warnings,
+        to_inference_data,
+    )
 
     for name, value in (("num_samples", num_samples), ("warmup_steps", warmup_steps),
                         ("num_chains", num_chains)):
@@ -110,6 +145,17 @@ def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, n
         guide(*model_args, **model_kwargs)
     check_deterministic(guide)
     latent_names = {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
+    if check_guide is not False:
+        if isinstance(check_guide, bool):
+            from ..diagnostics import psis_khat
+
+            with torch.random.fork_rng():  # the chains' draws do not depend on the check
+                khat = psis_khat(model, guide, *model_args, num_samples=500, **model_kwargs)
+        else:
+            khat = float(check_guide)
+        advice = guide_advice(khat)
+        if advice:
+            warnings.warn(f"neutra_mcmc: {advice}", DiagnosticWarning, stacklevel=2)
     if seed is not None:
         pyro.set_rng_seed(seed)
 
@@ -150,5 +196,7 @@ def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, n
     samples = {k: v.detach() for k, v in flat.items()}
     idata = to_inference_data(samples, num_chains=num_chains)
     idata.add_groups(sample_stats={"diverging": torch.stack(diverging).numpy()})
+    for message in mcmc_warnings(idata):
+        warnings.warn(f"neutra_mcmc: {message}", DiagnosticWarning, stacklevel=2)
     return NeuTraResult(samples, idata, latent.detach(), int(torch.stack(diverging).sum()),
                         seconds, runs)
