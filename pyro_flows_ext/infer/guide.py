@@ -200,8 +200,10 @@ class AutoFlowGuide(AutoContinuous):
             :data:`GUIDE_DEFAULTS`).
     Shapes: the posterior's event shape is ``(D,)``.
 
-    Saving: ``torch.save(guide.state_dict(), path)``; to restore, build the guide for the same
-    model, call ``guide(*args)`` once (it traces the model) and ``guide.load_state_dict(...)``.
+    Saving: ``pfe.save(guide, path)`` stores the guide's constructor arguments, its latent
+    sites' shapes, the model arguments it was traced with (when they are tensors, numbers,
+    strings or containers of them) and its ``state_dict``; ``pfe.load(path, model=model)``
+    rebuilds it for the same model (see :func:`pyro_flows_ext.io.load`).
     """
 
     def __init__(self, model, flow=None, init_loc_fn=init_to_median, init_scale=0.1,
@@ -264,6 +266,7 @@ class AutoFlowGuide(AutoContinuous):
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
+        self._model_args = (args, kwargs)  # what pfe.save stores, when it can be stored
         init = self._init_loc()
         if not torch.isfinite(init).all():
             raise ValueError("init_loc_fn gave non-finite initial values; try init_to_sample "
@@ -339,5 +342,21 @@ class AutoFlowGuide(AutoContinuous):
 
     @torch.no_grad()
     def median(self, *args, **kwargs):
-        """Monte Carlo posterior median of each latent site (coordinatewise, unconstrained)."""
-        return {k: v[0] for k, v in self.quantiles([0.5], *args, **kwargs).items()}
+        r"""The flow's image of the base's median, :math:`f(0)` (each layer applied to the
+        zero vector, the median of the standard-normal base), unpacked into sites and mapped
+        to each site's support. Deterministic: the same value on every call, and no random
+        numbers are drawn (the global RNG is untouched).
+
+        What it is: the point of :math:`q` that the flow transports the base's centre to.
+        For element-wise monotone layers (``LocScale``, ``flow=()`` on one site) it is the
+        median of every coordinate (monotone maps commute with medians); couplings and
+        splines mix coordinates, and then :math:`f(0)` is only the image of the base's centre,
+        in general neither :math:`q`'s coordinatewise median nor its mode. For the
+        coordinatewise Monte Carlo median use ``guide.quantiles([0.5])``.
+        """
+        posterior = self.get_posterior(*args, **kwargs)
+        x = posterior.base_dist.mean.new_zeros(posterior.event_shape)
+        for t in posterior.transforms:
+            x = t(x)
+        return {site["name"]: biject_to(site["fn"].support)(value)
+                for site, value in self._unpack_latent(x)}
