@@ -243,17 +243,43 @@ def cmd_infer(args):
     print(f"flow: {args.flow}  latent sites: {', '.join(latent)}  (dimension {guide.latent_dim})")
     print(f"ELBO (last 10% of steps, mean): {-sum(tail) / len(tail):.4f}")
     print(f"ELBO ({args.diag_samples} draws): {est['elbo']:.4f} +- {est['elbo_se']:.4f}")
-    print(f"importance-weighted log evidence: {est['log_evidence']:.4f}")
-    verdict = ("trustworthy" if est["khat"] < 0.5 else "usable with care" if est["khat"] < 0.7
-               else "do not trust the guide; try --neutra")
-    print(f"PSIS k-hat: {est['khat']:.3f} ({verdict})")
+    print(f"importance-weighted log evidence: {est['log_evidence']:.4f} +- "
+          f"{est['log_evidence_se']:.4f} (s.e., {args.diag_samples} draws"
+          f"{'; unreliable when k-hat > 0.5' if est['khat'] > 0.5 else ''})")
+    verdict = ("< 0.5, trustworthy" if est["khat"] < 0.5 else "0.5-0.7, usable with care"
+               if est["khat"] < 0.7 else "> 0.7, do not trust the guide's draws")
+    print(f"PSIS k-hat: {est['khat']:.3f} ({verdict}); {diagnostics.KHAT_SCOPE}")
 
+    warned = []
+    if est["khat"] > 0.7 and not args.neutra:
+        warned.append("the guide's k-hat is above 0.7: its draws (the summary below) may be "
+                      "far from the posterior; train longer, or check with --neutra")
+        print(f"warning: {warned[-1]}")
     if args.neutra:
-        result = neutra_mcmc(model, guide, num_samples=args.num_samples,
-                             warmup_steps=args.warmup, seed=args.seed,
-                             max_tree_depth=args.max_tree_depth, progress=not args.quiet)
+        import warnings
+
+        from .infer.neutra import guide_advice
+
+        advice = guide_advice(est["khat"])
+        if advice:
+            print(f"warning: {advice}")
+            warned.append(advice)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", diagnostics.DiagnosticWarning)
+            result = neutra_mcmc(model, guide, num_samples=args.num_samples,
+                                 warmup_steps=args.warmup, num_chains=args.chains,
+                                 seed=args.seed, max_tree_depth=args.max_tree_depth,
+                                 progress=not args.quiet, check_guide=False)
+        for w in caught:
+            if issubclass(w.category, diagnostics.DiagnosticWarning):
+                message = str(w.message).removeprefix("neutra_mcmc: ")
+                print(f"warning: {message}")
+                warned.append(message)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
         idata, source = result.idata, "NeuTra NUTS"
-        print(f"NeuTra NUTS: {args.num_samples} draws, {result.divergences} divergences, "
+        print(f"NeuTra NUTS: {args.chains} chain{'s' if args.chains > 1 else ''} x "
+              f"{args.num_samples} draws, {result.divergences} divergences, "
               f"{result.seconds:.1f} s")
     else:
         idata = diagnostics.to_inference_data(None, model=model, guide=guide,
@@ -266,12 +292,18 @@ def cmd_infer(args):
     print(summary.to_string())
     _plot_inference(idata, out)
     metrics = {"model": args.model, "flow": args.flow, "steps": args.steps,
-               "elbo": est["elbo"], "log_evidence": est["log_evidence"], "khat": est["khat"],
-               "neutra": bool(args.neutra)}
+               "elbo": est["elbo"], "log_evidence": est["log_evidence"],
+               "log_evidence_se": est["log_evidence_se"], "khat": est["khat"],
+               "neutra": bool(args.neutra), "warnings": warned}
+    if args.neutra:
+        metrics.update(chains=args.chains, divergences=result.divergences)
     with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     summary.to_csv(os.path.join(out, "summary.csv"))
     print(f"wrote {out}/: trace.png, posterior.png, summary.csv, metrics.json")
+    if warned:
+        print(f"warning: {len(warned)} diagnostic warning{'s' if len(warned) > 1 else ''} "
+              "above: do not trust this summary as it stands")
 
 
 def _model_stem(spec):
@@ -363,6 +395,8 @@ def build_parser():
     infer.add_argument("--num-samples", type=int, default=1000,
                        help="NUTS draws (or guide draws for the summary)")
     infer.add_argument("--warmup", type=int, default=500, help="NUTS warmup steps")
+    infer.add_argument("--chains", type=int, default=2,
+                       help="NUTS chains, one after another (R-hat needs 2 or more)")
     infer.add_argument("--max-tree-depth", type=int, default=10, help="NUTS tree depth")
     infer.add_argument("--diag-samples", type=int, default=1000,
                        help="guide draws for k-hat and the evidence estimate")
@@ -376,7 +410,7 @@ def build_parser():
 
 def _check(args):
     for name in ("steps", "batch_size", "n", "num_samples", "diag_samples", "threads",
-                 "max_tree_depth"):
+                 "max_tree_depth", "chains"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, "
                            f"got {getattr(args, name)}")
