@@ -260,7 +260,7 @@ def cmd_infer(args):
 
         from .infer.neutra import guide_advice
 
-        advice = guide_advice(est["khat"])
+        advice = guide_advice(est["khat"], cli=True)
         if advice:
             print(f"warning: {advice}")
             warned.append(advice)

@@ -157,3 +157,53 @@ def test_options_passed_positionally_fail_clearly():
         diagnostics.to_inference_data(None, x, model=model, guide=guide, num_samples=5)
     with pytest.raises(ValueError, match="num_chains must be a positive integer"):
         diagnostics.to_inference_data({"a": torch.randn(40, 2)}, num_chains=0)
+
+
+def synthetic_idata(chains=2, draws=400, seed=0, shift=0.0, rho=0.0, diverging=0):
+    """``a`` (2 coordinates) and ``b``: iid N(0, 1) draws, chain c shifted by ``c * shift``,
+    ``b`` an AR(1) chain with autocorrelation ``rho``; ``diverging`` draws marked divergent."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(chains, draws, 2, generator=g) + shift * torch.arange(chains).view(-1, 1, 1)
+    noise = torch.randn(chains, draws, generator=g)
+    b = torch.zeros(chains, draws)
+    for t in range(draws):
+        b[:, t] = (rho * b[:, t - 1] if t else 0) + (1 - rho**2) ** 0.5 * noise[:, t]
+    idata = az.from_dict(posterior={"a": a.numpy(), "b": b.numpy()})
+    div = torch.zeros(chains * draws, dtype=torch.bool)
+    div[:diverging] = True
+    idata.add_groups(sample_stats={"diverging": div.reshape(chains, draws).numpy()})
+    return idata
+
+
+def test_mcmc_warnings_quiet_on_clean_draws():
+    assert diagnostics.mcmc_warnings(synthetic_idata()) == []
+    assert diagnostics.mcmc_warnings(synthetic_idata(diverging=8)) == []  # exactly 1%: fine
+
+
+def test_mcmc_warnings_name_the_problem_and_the_worst_sites():
+    (line,) = diagnostics.mcmc_warnings(synthetic_idata(diverging=9))
+    assert line.startswith("9 of 800 draws (1.1%) are divergent")
+    lines = diagnostics.mcmc_warnings(synthetic_idata(rho=0.97))
+    line = next(line for line in lines if line.startswith("effective sample size"))
+    assert "below 100 per chain (200 for 2 chains)" in line
+    assert "worst b (" in line and "a[" not in line
+    assert all("a[" not in line for line in lines)  # a mixes well: never named
+    lines = diagnostics.mcmc_warnings(synthetic_idata(shift=1.0))
+    assert any(line.startswith("R-hat above 1.01: worst a[") for line in lines), lines
+    assert "b " not in next(line for line in lines if line.startswith("R-hat"))
+    assert "\n" not in "".join(lines)
+    (line,) = diagnostics.mcmc_warnings(synthetic_idata(chains=1))
+    assert line.startswith("one chain: R-hat cannot be computed")
+
+
+def test_log_evidence_standard_error():
+    model, mu, cov, log_z = make_regression()
+    exact = diagnostics.log_evidence(model, fixed_guide(mu, cov), num_samples=200)
+    assert exact["log_evidence_se"] < 1e-6  # equal weights: no error
+    # a wider guide: the s.e. matches the spread of repeated estimates (delta method)
+    runs = [diagnostics.log_evidence(model, fixed_guide(mu, 2.0 * cov), num_samples=400)
+            for _ in range(30)]
+    spread = torch.tensor([r["log_evidence"] for r in runs]).std()
+    se = torch.tensor([r["log_evidence_se"] for r in runs]).median()
+    assert 0.6 < float(se / spread) < 1.6, (se, spread)
+    assert abs(torch.tensor([r["log_evidence"] for r in runs]).mean() - log_z) < 3 * se

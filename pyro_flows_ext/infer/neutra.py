@@ -69,19 +69,23 @@ KHAT_NEUTRA = 0.7
 """Above this PSIS k-hat the guide is not good enough for NeuTra: :func:`neutra_mcmc` warns."""
 
 
-def guide_advice(khat):
+def guide_advice(khat, cli=False):
     """The warning :func:`neutra_mcmc` gives before sampling when the guide's k-hat is above
-    :data:`KHAT_NEUTRA` (``None`` when it is not)."""
+    :data:`KHAT_NEUTRA` (``None`` when it is not); ``cli``: the advice in ``pyro-flows infer``
+    options."""
     from ..diagnostics import KHAT_SCOPE
 
     if khat == khat and khat <= KHAT_NEUTRA:
         return None
-    return (f"the guide's PSIS k-hat is {khat:.2f} (> {KHAT_NEUTRA}): it is not good enough "
-            "for NeuTra, whose chains will mix badly where the guide's tails are too light. "
-            "Train it longer, with pyro.optim.ClippedAdam; for funnel-like hierarchical "
-            "models use the README's recipe AutoFlowGuide(model, flow=(), stl=True) with "
-            "ClippedAdam({'lr': 1e-2, 'clip_norm': 1.0}); or run plain NUTS. (k-hat: "
-            f"{KHAT_SCOPE})")
+    head = (f"the guide's PSIS k-hat is {khat:.2f} (> {KHAT_NEUTRA}): it is not good enough "
+            "for NeuTra, whose chains mix badly where the guide's tails are too light. ")
+    if cli:
+        return head + ("Train longer (--steps); for funnel-like hierarchical models use "
+                       "--flow none --stl (the README's recipe); or run plain NUTS")
+    return head + ("Train it longer, with pyro.optim.ClippedAdam; for funnel-like "
+                   "hierarchical models use the README's recipe AutoFlowGuide(model, "
+                   "flow=(), stl=True) with ClippedAdam({'lr': 1e-2, 'clip_norm': 1.0}); or "
+                   f"run plain NUTS. (k-hat: {KHAT_SCOPE})")
 
 
 def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, num_chains=2,
