@@ -33,7 +33,10 @@ class RAD(Surjection):
     partition and its masks cheap and the layer exact by construction. The gating is
     autoregressive over coordinates (a MADE conditioned on ``z``), so the ``K^D`` joint
     piece assignments are not forced to be independent. Starts as a symmetric fold of
-    ``[-span/2, span/2]`` with unit slopes and uniform gating over the valid pieces.
+    ``[-span/2, span/2]`` with unit slopes and uniform gating over the valid pieces; the
+    default narrow fold is nearly the identity (shifts by ``span``), so a builder's Gaussian
+    start nearly holds (after 1500 steps on mirrored Gaussians: test NLL 1.86 from span 0.2,
+    1.97 from span 2).
 
     Args:
         dim: event size ``D``.
@@ -41,7 +44,7 @@ class RAD(Surjection):
             opposite directions, so the fold covers the whole line).
         hidden_dims: hidden sizes of the gating network.
         context_dim: size of a context the gating also sees (``layer.condition(c)``).
-        span: initial width of the folded region.
+        span: initial width of the folded region (then learned).
     Shapes: ``z``, ``x``: ``(*batch, D)``; ``ladj``: ``batch``.
     References: Dinh, Sohl-Dickstein, Larochelle, Pascanu, A RAD approach to deep mixture
     models (2019), https://arxiv.org/abs/1903.07714
@@ -49,7 +52,7 @@ class RAD(Surjection):
 
     stochastic_forward, stochastic_inverse = True, False
 
-    def __init__(self, dim, num_pieces=3, hidden_dims=(32, 32), context_dim=0, span=2.0):
+    def __init__(self, dim, num_pieces=3, hidden_dims=(32, 32), context_dim=0, span=0.2):
         super().__init__()
         num_pieces = int(num_pieces)
         if num_pieces < 3 or num_pieces % 2 == 0:
