@@ -128,15 +128,30 @@ class Flow(dist.TransformedDistribution, nn.Module):
 
     def _check_value(self, value):
         n = len(self.event_shape)
-        if (not torch.is_tensor(value) or value.dim() < n
-                or value.shape[value.dim() - n:] != self.event_shape):
-            shape = tuple(value.shape) if torch.is_tensor(value) else type(value).__name__
+        if value.dim() < n or value.shape[value.dim() - n:] != self.event_shape:
             raise ValueError(f"Flow.log_prob expects values with event shape "
-                             f"{tuple(self.event_shape)} in the rightmost dimensions, got {shape}")
+                             f"{tuple(self.event_shape)} in the rightmost dimensions, got "
+                             f"{tuple(value.shape)}")
+        ref = _reference_tensor(self.transforms)
+        if ref.numel() and (value.dtype != ref.dtype or value.device != ref.device):
+            raise TypeError(f"Flow.log_prob got {value.dtype} values on {value.device} for a "
+                            f"flow in {ref.dtype} on {ref.device}: convert the values "
+                            f"(x.to(dtype={ref.dtype}, device='{ref.device}')) or the flow")
         if not torch.isfinite(value).all():
             raise ValueError("Flow.log_prob got NaN or infinite values; expected finite data")
 
+    def _as_tensor(self, value):
+        """Array-likes (numpy arrays, lists) become tensors in the flow's dtype and device."""
+        ref = _reference_tensor(self.transforms)
+        try:
+            return torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise TypeError(f"Flow.log_prob expects a tensor or a numeric array, got "
+                            f"{type(value).__name__} ({e})") from e
+
     def log_prob(self, value):
+        if not torch.is_tensor(value):
+            value = self._as_tensor(value)
         if self._validate_args:
             self._check_value(value)
         dims, layer_dims = self._dims, self._layer_dims

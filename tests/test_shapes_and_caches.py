@@ -171,3 +171,16 @@ def test_batchnorm_eval_scores_each_event_on_its_own():
     flow = pfe.Flow(None, [layer])
     x = torch.randn(6, 2)
     torch.testing.assert_close(flow.log_prob(x)[:2], flow.log_prob(x[:2].clone()))
+
+
+def test_log_prob_takes_array_likes_and_names_dtype_mismatches():
+    import numpy as np
+
+    flow = small_flow()
+    x = np.random.default_rng(0).normal(size=(5, 2))
+    torch.testing.assert_close(flow.log_prob(x), flow.log_prob(torch.tensor(x).float()))
+    assert flow.log_prob([[0.1, 0.2]]).shape == (1,)
+    with pytest.raises(TypeError, match="float64 values on cpu for a flow in torch.float32"):
+        flow.log_prob(torch.zeros(3, 2, dtype=torch.float64))
+    with pytest.raises(TypeError, match="tensor or a numeric array"):
+        flow.log_prob("abc")
