@@ -439,12 +439,15 @@ def test_augmented_guide_elbo_is_a_lower_bound_and_trains_to_the_evidence():
     assert abs(-loss - after) < 0.05
 
 
-@pytest.mark.xfail(reason="AutoFlowGuide builds its base with event_shape=(latent_dim,), so a "
-                   "flow whose first layer changes the size (Augment's base has D + A) cannot "
-                   "be its first layer; see the issue 11 note", raises=ValueError, strict=False)
 def test_guide_with_augment_first():
+    # the guide's base is sized by walking the layers back from the latent (D + A here)
     guide = pfe.infer.AutoFlowGuide(conjugate, flow=[AffineCoupling(D + A), Augment(D, A)])
-    guide(torch.randn(N_OBS, D))
+    data = torch.randn(N_OBS, D)
+    guide(data)
+    assert guide.flow.base_dist.event_shape == (D + A,)
+    svi = pyro.infer.SVI(conjugate, guide, pyro.optim.Adam({"lr": 1e-2}), pyro.infer.Trace_ELBO())
+    losses = [svi.step(data) for _ in range(30)]
+    assert all(math.isfinite(v) for v in losses)
 
 
 # -- builders --------------------------------------------------------------------------------

@@ -276,7 +276,10 @@ class AutoFlowGuide(AutoContinuous):
             sizes = [math.prod(shape) for shape in self._unconstrained_shapes.values()]
             layers += site_couplings(sizes)
         loc_scale = LocScale(self.latent_dim, init, self._init_scale)
-        flow = Flow(None, layers + [loc_scale], event_shape=(self.latent_dim,))
+        base_shape = torch.Size([self.latent_dim])  # walked back: layers may change the size
+        for t in reversed(layers):
+            base_shape = t.inverse_shape(base_shape)
+        flow = Flow(None, layers + [loc_scale], event_shape=base_shape)
         self.flow = flow.to(device=init.device, dtype=init.dtype)
         unsuited = _stl_unsuited(layers) if self.stl else []
         if unsuited:
