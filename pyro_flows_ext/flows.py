@@ -74,7 +74,7 @@ _NORMS = {"actnorm": ActNorm, "batchnorm": InvertibleBatchNorm, None: None, "non
 
 @register
 def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm="actnorm", conv=True, lu=False,
-            clamp=5.0, readout_scale=1.0):
+            clamp=5.0, readout_scale=1.0, invert=False, zero_init=True):
     r"""RealNVP/Glow stack, the tutorial's "putting it all together": ``num_layers`` times
     affine coupling, a normalisation and an invertible 1x1 convolution (a learned rotation
     of the event; with ``conv=False`` a fixed reversal).
@@ -88,13 +88,16 @@ def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm="actnorm", conv=True, 
         lu: LU-parametrised 1x1 convolution.
         clamp: bound on the coupling log-scales.
         readout_scale: multiplies each conditioner's last layer (``1 / H`` in guides).
+        invert: affine maps run data to base (``z_b = x_b e^s + t``, zuko's form).
+        zero_init: couplings start at the identity.
     """
     if norm not in _NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected 'actnorm', 'batchnorm' or None")
     layers = []
     for _ in range(num_layers):
         layers.append(AffineCoupling(dim, hidden_dims=tuple(hidden_dims), clamp=clamp,
-                                     readout_scale=readout_scale))
+                                     readout_scale=readout_scale, invert=invert,
+                                     zero_init=zero_init))
         if _NORMS[norm] is not None:
             layers.append(_NORMS[norm](dim))
         layers.append(InvertibleConv1x1(dim, lu=lu) if conv else Reverse(dim))

@@ -40,12 +40,14 @@ class Coupling(FlowLayer):
             the forward is the cheaper direction and scoring is the hot path).
         readout_scale: multiplies the conditioner's last layer (``1 / H`` for guides, see
             :class:`~pyro_flows_ext.nn.MLP`).
+        zero_init: start the conditioner's last layer at zero (the layer starts as the
+            identity; ``False``: ``nn.Linear``'s random init).
     Shapes: ``z``, ``x``: ``(*batch, D)``; context ``(*batch', C)`` broadcast against the
     batch; ``ladj``: the broadcast batch shape.
     """
 
     def __init__(self, dim, element_map=None, hidden_dims=(64, 64), mask=None, context_dim=0,
-                 invert=False, readout_scale=1.0):
+                 invert=False, readout_scale=1.0, zero_init=True):
         super().__init__()
         name = type(self).__name__
         if dim < 2:
@@ -71,7 +73,7 @@ class Coupling(FlowLayer):
             # multiple of 8; the spare outputs start (and stay) at zero
             n_out = -(-n_out // 8) * 8
         self.net = MLP(self.num_passive + context_dim, n_out, tuple(hidden_dims),
-                       readout_scale=readout_scale)
+                       zero_init=zero_init, readout_scale=readout_scale)
 
     def _split(self, y, context):
         """``(y_a, y_b, conditioner input)`` for an event tensor ``y``."""
@@ -110,7 +112,9 @@ class Coupling(FlowLayer):
 class AffineCoupling(Coupling):
     r"""Affine coupling (RealNVP): :math:`x_b = z_b\, e^{s(z_a)} + t(z_a)`,
     :math:`\log|\det J| = \sum_i s_i(z_a)`, ``s`` soft-clamped to ``[-clamp, clamp]``.
-    ``Coupling(dim, Affine(clamp), ...)``; arguments as in :class:`Coupling`.
+    ``Coupling(dim, Affine(clamp), ...)``; arguments as in :class:`Coupling`. With
+    ``invert=True`` the affine map runs data to base, :math:`z_b = x_b e^{s(x_a)} + t(x_a)`
+    (zuko's form: the shift is in base units).
 
     Example:
         >>> layer = AffineCoupling(4)
@@ -120,9 +124,9 @@ class AffineCoupling(Coupling):
     """
 
     def __init__(self, dim, hidden_dims=(64, 64), mask=None, clamp=5.0, context_dim=0,
-                 readout_scale=1.0):
-        super().__init__(dim, Affine(clamp), hidden_dims, mask, context_dim,
-                         readout_scale=readout_scale)
+                 readout_scale=1.0, invert=False, zero_init=True):
+        super().__init__(dim, Affine(clamp), hidden_dims, mask, context_dim, invert,
+                         readout_scale, zero_init)
 
     @property
     def clamp(self):
