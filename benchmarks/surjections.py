@@ -23,7 +23,7 @@ rounds. Adam (lr 2e-3, cosine decay to 0), batch 512, data-dependent layers init
 the training set. Writes the tables (markdown), ``results.json`` and one density PNG per 2-D
 data set to ``--out``.
 
-    PYTHONPATH=. python benchmarks/surjections.py                # 1500 steps (~6-8 min)
+    PYTHONPATH=. python benchmarks/surjections.py                # 1500 steps (~20 min shared CPU)
     PYTHONPATH=. python benchmarks/surjections.py --quick        # 200 steps (~1 min)
 """
 
