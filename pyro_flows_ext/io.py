@@ -26,11 +26,11 @@ def atomic_save(obj, path):
 def _storable(value):
     """Whether ``value`` survives ``torch.load(weights_only=True)``: tensors, numbers,
     strings, ``None`` and lists, tuples and str-keyed dicts of them."""
-    if value is None or isinstance(value, (bool, int, float, str, torch.Tensor)):
+    if value is None or type(value) in (bool, int, float, str) or torch.is_tensor(value):
         return True
-    if isinstance(value, (list, tuple)):
+    if type(value) in (list, tuple):  # exact types: subclasses do not load with weights_only
         return all(_storable(v) for v in value)
-    if isinstance(value, dict):
+    if type(value) is dict:
         return all(isinstance(k, str) and _storable(v) for k, v in value.items())
     return False
 
@@ -155,6 +155,10 @@ def from_record(record, path="<record>", model=None, model_args=None, model_kwar
                         "and flow= are only for files that hold an AutoFlowGuide")
     spec = record["spec"]
     kwargs = dict(spec["kwargs"])
+    from .flows import LEGACY_DEFAULTS
+
+    for name, value in LEGACY_DEFAULTS.get(spec["flow"], {}).items():
+        kwargs.setdefault(name, value)  # an argument the writing version did not have
     legacy = "gaussian_start" not in kwargs  # written before builders had data-side layers
     if legacy:
         # rebuild exactly the layers it had; a CLI fit's standardisation becomes a layer
@@ -219,9 +223,10 @@ def load(path, map_location=None, *, model=None, model_args=None, model_kwargs=N
     given: they replace the stored ones; neither: the model is called without arguments),
     checks that the latent sites and their shapes are the saved ones and loads the trained
     state. No RNG draws leak out (the prototype trace runs under ``torch.random.fork_rng``).
-    ``flow`` is needed, and used, only when the guide's flow was a user callable or list of
-    transforms: pass the same one. Raises ``ValueError`` for another model's latent
-    structure, a missing ``model=`` or ``flow=``, or a model that fails with the arguments.
+    ``flow`` replaces the stored flow; it is needed when the guide's flow was a user callable
+    or list of transforms (a file cannot hold one): pass the same one. Raises ``ValueError``
+    for another model's latent structure, a missing ``model=`` or ``flow=``, or a model that
+    fails with the arguments.
     """
     obj = from_record(read(path), path, model, model_args, model_kwargs, flow)
     return obj.to(map_location) if map_location is not None else obj
