@@ -6,8 +6,6 @@ side), and the instantaneous change of variables
 y}\, dt`, integrated together with the state (Chen et al. 2018; Grathwohl et al. 2019).
 """
 
-import math
-
 import torch
 from torchdiffeq import odeint, odeint_adjoint
 
@@ -73,8 +71,10 @@ class CNF(FlowLayer):
     Augmented neural ODE (Dupont et al. 2019; ``augment_dim = A > 0``): the ODE runs on
     :math:`D + A` dims so trajectories can cross in the original :math:`D`. The base has
     event size :math:`D + A`; generatively :math:`x = y(T)_{:D}` (the rest is dropped);
-    scoring pads :math:`x` with :math:`e \sim q(e) = N(0, I_A)`, the contract of the SurVAE
-    ``Augment`` surjection: :math:`V = \log|\det \partial z/\partial y| - \log q(e)`, so
+    scoring pads :math:`x` with :math:`e \sim q(e \mid x, c)`, a
+    :class:`~pyro_flows_ext.surjections.Augment` layer held as ``self.augment`` (a diagonal
+    Gaussian from an MLP, starting at :math:`N(0, I_A)`, trained with the flow):
+    :math:`V = \log|\det \partial z/\partial y| - \log q(e \mid x)`, so
     ``log_prob`` is a stochastic lower bound (``exact = False``) whose exp is unbiased for
     :math:`p(x)`; scoring ``x.expand((K,) + x.shape)`` gives K independent draws, and
     :math:`\log \frac1K \sum_k \exp(\cdot)` is the tighter importance-weighted bound.
@@ -128,7 +128,10 @@ class CNF(FlowLayer):
         self.kinetic_weight, self.jacobian_weight = float(kinetic_weight), float(jacobian_weight)
         self.dynamics = dynamics if dynamics is not None else TimeMLP(
             dim + augment_dim, tuple(hidden_dims), context_dim, layer, activation)
-        if augment_dim:  # the Augment surjection's contract: a generative surjection
+        if augment_dim:  # a generative surjection: the Augment layer's contract, reused
+            from ..surjections import Augment
+
+            self.augment = Augment(dim, augment_dim, context_dim=context_dim)
             self.bijective, self.exact, self.stochastic_inverse = False, False, True
         self._last, self._terms = None, None
 
@@ -190,21 +193,18 @@ class CNF(FlowLayer):
             self._terms = None
         return final[0].reshape(batch + (size,)), final[1].reshape(batch)
 
-    def _log_q(self, e):
-        return -0.5 * e.square().sum(-1) - 0.5 * math.log(2 * math.pi) * self.augment_dim
-
     def call_and_ladj(self, z, context=None):
         y, ladj = self._solve(z, 0.0, self.T, context)
         if not self.augment_dim:
             return y, ladj
-        x, e = y[..., :self.dim], y[..., self.dim:]
-        return x, ladj + self._log_q(e)  # -V of the pair: V = v_ode - log q(e)
+        x, log_q = self.augment.call_and_ladj(y, context)  # drops e; log q(e | x, c)
+        return x, ladj + log_q  # -V of the pair: V = v_ode - log q(e | x)
 
     def inverse_and_ladj(self, x, context=None):
         if self.augment_dim:
-            e = torch.randn(x.shape[:-1] + (self.augment_dim,), dtype=x.dtype, device=x.device)
-            z, v = self._solve(torch.cat([x, e], -1), self.T, 0.0, context)
-            return z, v - self._log_q(e)
+            y, v_augment = self.augment.inverse_and_ladj(x, context)  # [x, e], -log q
+            z, v = self._solve(y, self.T, 0.0, context)
+            return z, v + v_augment
         return self._solve(x, self.T, 0.0, context)
 
     # -- diagnostics and regularisation ----------------------------------------------------------

@@ -110,8 +110,8 @@ def fit_flow_matching(flow, data, num_steps=2000, batch_size=512, optim=None, co
     per step). Layers on the CNF's data side (a builder's ``gaussian_start``/``standardize``
     layers) are initialised from the training data and kept fixed; the data are pulled
     through them once, and base draws pushed through any layers on the base side. With
-    ``augment_dim = A`` the targets are padded with :math:`N(0, I_A)` noise (the augmented
-    model's :math:`q(e)`).
+    ``augment_dim = A`` the targets are padded with draws of the augmented model's
+    :math:`q(e \mid x)` (its ``Augment`` layer, not trained by this loss).
 
     Protocol as :func:`~pyro_flows_ext.infer.fit_density`: the same data checks and errors,
     validation split, progress bar, checkpoints (``resume`` restores parameters, optimizer,
@@ -230,8 +230,9 @@ def _fit(flow, data, num_steps, batch_size, optim, coupling, sigma, ot_block, va
     for step in bar:
         x1 = targets[next(batches).to(device)]
         n = len(x1)
-        if extra:
-            x1 = torch.cat([x1, torch.randn(n, extra, dtype=x1.dtype, device=device)], -1)
+        if extra:  # targets padded with e ~ q(e | x), the augmented model's own draw
+            with torch.no_grad():
+                x1 = cnf.augment.inverse_and_ladj(x1)[0]
         with torch.no_grad():
             x0 = base.sample((n,))
             for t in pre:
