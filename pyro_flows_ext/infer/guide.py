@@ -355,11 +355,17 @@ class AutoFlowGuide(AutoContinuous):
         median of every coordinate (monotone maps commute with medians); couplings and
         splines mix coordinates, and then :math:`f(0)` is only the image of the base's centre,
         in general neither :math:`q`'s coordinatewise median nor its mode. For the
-        coordinatewise Monte Carlo median use ``guide.quantiles([0.5])``.
+        coordinatewise Monte Carlo median use ``guide.quantiles([0.5])``. A stochastic layer
+        in the flow (not made by the builders) draws from a fixed seed, so even then the value
+        is the same on every call.
         """
         posterior = self.get_posterior(*args, **kwargs)
-        x = posterior.base_dist.mean.new_zeros(posterior.event_shape)
-        for t in posterior.transforms:
-            x = t(x)
+        base = posterior.base_dist
+        x = base.mean.new_zeros(base.batch_shape + base.event_shape)
+        # a stochastic layer (if any) draws from a fixed seed, in a forked RNG
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):
+            torch.manual_seed(0)
+            for t in posterior.transforms:
+                x = t(x)
         return {site["name"]: biject_to(site["fn"].support)(value)
                 for site, value in self._unpack_latent(x)}
