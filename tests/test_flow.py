@@ -148,3 +148,21 @@ def test_load_errors_are_clear(tmp_path):
         pfe.load(tmp_path / "other.pt")
     with pytest.raises(ValueError, match="not made by a builder"):
         pfe.save(pfe.Flow(None, [ActNorm(2)]), tmp_path / "x.pt")
+
+
+def test_realnvp_saved_before_its_new_defaults_reloads_as_it_was():
+    # a spec written before conv/invert/gaussian_start existed (only the passed kwargs) must
+    # rebuild the flow of that version, not one with today's defaults
+    from pyro_flows_ext.io import FORMAT, from_record
+
+    from .contract import perturb
+
+    old = perturb(pfe.flows.realnvp(2, num_layers=2, conv=True, invert=False,
+                                    gaussian_start=False), 0.2)
+    record = {"format": FORMAT, "spec": {"flow": "realnvp", "dim": 2, "kwargs": {"num_layers": 2}},
+              "state_dict": old.state_dict()}
+    loaded = from_record(record)
+    x = torch.randn(50, 2)
+    old.eval(), loaded.eval()
+    torch.testing.assert_close(loaded.log_prob(x), old.log_prob(x))
+    assert pfe.flows.realnvp(2).spec["kwargs"]["invert"] is True  # today's default
