@@ -2,7 +2,8 @@
 
 Three RealNVP-style flows on 2-D data with matched parameter counts (~36-37k):
 
-* ours  - ``pfe.flows.realnvp(2)``: 8 x (AffineCoupling(64, 64) + ActNorm + InvertibleConv1x1)
+* ours  - ``pfe.flows.realnvp(2)``: 8 x (AffineCoupling(64, 64, invert=True) + ActNorm +
+  Reverse), then the data-initialised CholeskyAffine (the Gaussian start)
 * pyro  - 8 x ``affine_coupling(2, hidden_dims=[65, 65])`` interleaved with ``Permute([1, 0])``
 * zuko  - ``zuko.flows.RealNVP(2, transforms=8, hidden_features=(65, 65))``
 
