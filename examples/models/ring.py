@@ -69,3 +69,16 @@ def exact_sample(n, prior_scale=PRIOR_SCALE, radius=RADIUS, width=WIDTH, generat
     r = rho[torch.searchsorted(cdf, u).clamp_max(len(rho) - 1)]
     angle = 2 * math.pi * torch.rand(n, generator=generator, dtype=torch.float64)
     return torch.stack([r * angle.cos(), r * angle.sin()], -1).float()
+
+
+def covered_mass(draws, bins=36, threshold=0.1):
+    """The fraction of the exact posterior's mass that ``draws`` ``(n, 2)`` (a guide's or a
+    chain's) cover: the ring is cut into ``bins`` equal angular sectors (each holds ``1/bins``
+    of the exact mass, by symmetry), and a sector counts as covered when it holds at least
+    ``threshold`` times its exact share of the draws. 1.0: every direction is visited; 0.5:
+    half the ring is missing."""
+    draws = torch.as_tensor(draws, dtype=torch.float64)
+    angle = torch.atan2(draws[:, 1], draws[:, 0])
+    sector = ((angle + math.pi) / (2 * math.pi) * bins).long().clamp(0, bins - 1)
+    share = torch.bincount(sector, minlength=bins).double() / len(draws)
+    return float((share >= threshold / bins).double().mean())

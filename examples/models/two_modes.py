@@ -72,3 +72,15 @@ def exact_sample(n, prior_scale=PRIOR_SCALE, width=WIDTH, generator=None):
     weights, means, sd = posterior_components(prior_scale, width)
     k = torch.multinomial(weights, n, replacement=True, generator=generator)
     return means[k] + sd * torch.randn(n, 2, generator=generator)
+
+
+def covered_mass(draws, threshold=0.1):
+    """The fraction of the exact posterior's mass that ``draws`` ``(n, 2)`` (a guide's or a
+    chain's) cover: each draw goes to its nearest posterior mode, and a mode's exact mass
+    counts as covered when it receives at least ``threshold`` times that share of the draws.
+    About 0.6 means only the heavier mode was found."""
+    draws = torch.as_tensor(draws, dtype=torch.float32)
+    weights, means, _ = posterior_components()
+    nearest = torch.cdist(draws, means.to(draws)).argmin(-1)
+    share = torch.bincount(nearest, minlength=len(means)).double() / len(draws)
+    return float(weights.double()[share >= threshold * weights.double()].sum())
