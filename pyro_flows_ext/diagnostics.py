@@ -143,7 +143,13 @@ def psis_khat(model, guide, *args, num_samples=1000, **kwargs):
 
     Fits a generalized Pareto to the upper tail of :math:`w = p(x,\theta)/q(\theta)`,
     :math:`\theta \sim q`. Below 0.5: importance sampling (and the guide) can be trusted;
-    0.5 to 0.7: usable with care; above 0.7: the guide misses posterior mass.
+    0.5 to 0.7: usable with care; above 0.7: the guide's tails are too light.
+
+    What it checks and what it cannot see (:data:`KHAT_SCOPE`): the weights are computed at
+    the guide's own draws, so k-hat checks that the guide's tails are not too light where the
+    guide has mass; posterior regions the guide never visits (a missed mode, half of a ring,
+    ``examples/models/ring.py``) leave no trace in the weights, and k-hat can then read
+    "trustworthy" for a guide that misses half the posterior.
 
     Args:
         model, guide: the Pyro model and a trained guide.
