@@ -67,9 +67,12 @@ def test_inference_surjection_gives_exact_density():
 
 
 def test_unseen_pair_is_a_clear_error_and_cache_cannot_be_disabled():
-    layer = TinyAbs()
+    # an inference surjection's V is a function of x: an unseen pair is scored from x
+    ladj = TinyAbs().log_abs_det_jacobian(torch.ones(2, 3), -torch.ones(2, 3))
+    torch.testing.assert_close(ladj, torch.full((2,), 3 * math.log(2.0)))
+    layer = TinyAugment(3, 2)  # a generative surjection's V needs the draw it made
     with pytest.raises(UnseenPairError, match="score through the Flow"):
-        layer.log_abs_det_jacobian(torch.ones(2, 3), torch.ones(2, 3))
+        layer.log_abs_det_jacobian(torch.ones(2, 5), torch.ones(2, 3))
     with pytest.raises(ValueError, match="needs cache_size=1"):
         layer.with_cache(0)
 

@@ -184,3 +184,12 @@ def test_log_prob_takes_array_likes_and_names_dtype_mismatches():
         flow.log_prob(torch.zeros(3, 2, dtype=torch.float64))
     with pytest.raises(TypeError, match="tensor or a numeric array"):
         flow.log_prob("abc")
+
+
+def test_conditioned_inference_surjection_scores_an_unseen_pair_with_its_context():
+    layer = perturb(pfe.surjections.Abs(3, context_dim=2))
+    c, x = torch.randn(2), torch.randn(4, 3)
+    conditioned = layer.condition(c)
+    v = layer.inverse_and_ladj(x, context=c)[1]  # V(x | c), computed by the layer itself
+    torch.testing.assert_close(conditioned.log_abs_det_jacobian(x.abs(), x), -v)
+    assert not torch.allclose(v, layer.inverse_and_ladj(x, context=-c)[1])  # c matters
