@@ -246,8 +246,9 @@ def cmd_infer(args):
     print(f"importance-weighted log evidence: {est['log_evidence']:.4f} +- "
           f"{est['log_evidence_se']:.4f} (s.e., {args.diag_samples} draws"
           f"{'; unreliable when k-hat > 0.5' if est['khat'] > 0.5 else ''})")
-    verdict = ("< 0.5, trustworthy" if est["khat"] < 0.5 else "0.5-0.7, usable with care"
-               if est["khat"] < 0.7 else "> 0.7, do not trust the guide's draws")
+    verdict = ("< 0.5: no sign of too-light tails" if est["khat"] < 0.5 else
+               "0.5-0.7: usable with care" if est["khat"] < 0.7 else
+               "> 0.7: do not trust the guide's draws")
     print(f"PSIS k-hat: {est['khat']:.3f} ({verdict}); {diagnostics.KHAT_SCOPE}")
 
     warned = []
