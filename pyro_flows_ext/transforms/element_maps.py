@@ -44,7 +44,8 @@ class ElementMap(nn.Module):
     bound = None
 
     def forward(self, u, theta):
-        """``(y, log|dy/du|)``, both shaped like ``u``; ``theta`` is ``u.shape + (P,)``."""
+        """``(y, log|dy/du|)``, both shaped like ``u``; ``theta`` is ``u.shape + (P,)`` (or
+        whatever this map's ``unflatten`` returns)."""
         raise NotImplementedError
 
     def inverse(self, y, theta):
@@ -53,7 +54,10 @@ class ElementMap(nn.Module):
 
     def unflatten(self, flat, n):
         """``theta`` of shape ``(..., n, P)`` from a conditioner's flat ``(..., >= n P)`` output
-        (variable-major: the ``P`` parameters of element ``i`` are adjacent)."""
+        (variable-major: the ``P`` parameters of element ``i`` are adjacent). A map may return
+        its own structure instead (Affine: a ``(shift, raw log-scale)`` pair), as long as its
+        ``forward``/``inverse`` also accept the ``(..., n, P)`` tensor autoregressive
+        conditioners give."""
         return flat[..., :n * self.num_params].unflatten(-1, (n, self.num_params))
 
 
@@ -72,18 +76,21 @@ class Affine(ElementMap):
         self.clamp = float(clamp)
 
     def forward(self, u, theta):
-        shift, raw = theta.unbind(-1)
+        shift, raw = theta if isinstance(theta, tuple) else theta.unbind(-1)
         log_scale = soft_clamp(raw, self.clamp)
         return u * log_scale.exp() + shift, log_scale
 
     def inverse(self, y, theta):
-        shift, raw = theta.unbind(-1)
+        shift, raw = theta if isinstance(theta, tuple) else theta.unbind(-1)
         neg_log_scale = -soft_clamp(raw, self.clamp)
         return (y - shift) * neg_log_scale.exp(), neg_log_scale
 
     def unflatten(self, flat, n):
-        # parameter-major ([shifts | log-scales], as RealNVP's chunk(2)), viewed as (..., n, 2)
-        return flat[..., :2 * n].unflatten(-1, (2, n)).transpose(-1, -2)
+        # parameter-major ([shifts | log-scales], RealNVP's layout) as a (shift, raw) pair: one
+        # chunk, whose backward is one cat (a view and an unbind would cost a stack and a copy)
+        if flat.shape[-1] != 2 * n:
+            flat = flat[..., :2 * n]
+        return flat.chunk(2, dim=-1)
 
     def extra_repr(self):
         return f"clamp={self.clamp}"
