@@ -11,29 +11,45 @@ the exact trace in eval mode, samples per CPU second.
     OMP_NUM_THREADS=1 python benchmarks/cnf.py --steps 100 --n-test 1000
     OMP_NUM_THREADS=1 python benchmarks/cnf.py --steps 100 --methods fm,otflow,plain --equal-time
 
-Measured (2 shared cores at load 7-11, one thread, thread CPU time; 100 interleaved steps,
-batch 256, Adam 5e-3, 1000 test points; test NLL by the exact trace; single runs, so NLLs at
-this budget differ by up to ~0.4 nats between runs with other initialisations):
+Measured (2 shared cores at load 2-6, one thread, thread CPU time; 100 interleaved steps,
+batch 256, Adam 5e-3, 1000 test points; test NLL by the exact trace; one run, so NLLs at this
+small budget differ by up to ~0.4 nats with other initialisations):
 
-    data          method                               ms/step  NFE f/b    NLL  floor
-    moons         CNF hutchinson (adjoint)               154.5   38/32   2.779  1.676
-    moons         CNF exact (adjoint)                    192.3   36/36   2.860
-    moons         CNF hutchinson + RNODE (0.01)          173.0   40/33   2.920
-    moons         zuko CNF (exact)                       243.7   75/47   2.695
-    moons         plain torchdiffeq FFJORD               153.2   35/32   2.661
-    moons         flow matching, plain's CPU time (1276)  12.3    1/1    1.820
-    moons         OT-Flow, plain's CPU time (279 steps)   56.1   32/32   2.224
-    moons         plain torchdiffeq FFJORD               151.8   29/32   3.038
-    checkerboard  flow matching, plain's CPU time (1914)  11.7    1/1    3.794  3.466
-    checkerboard  OT-Flow, plain's CPU time (374 steps)   61.0   32/32   4.339
-    checkerboard  plain torchdiffeq FFJORD               234.6   32/38   4.191
-    8gaussians    flow matching, plain's CPU time (1457)  12.5    1/1    2.804  2.83
-    8gaussians    OT-Flow, plain's CPU time (365 steps)   49.2   32/32   3.173
-    8gaussians    plain torchdiffeq FFJORD               174.8   55/38   3.004
+    data          method                          ms/step  NFE f/b    NLL  floor  samples/s
+    moons         CNF hutchinson (adjoint)          106.3   38/31   2.802  1.676     13130
+    moons         CNF exact (adjoint)               137.0   36/36   2.860             10662
+    moons         CNF hutchinson + RNODE (0.01)     120.7   40/32   2.914             10946
+    moons         CNF flow matching (OT)             10.3    1/1    3.109             13392
+    moons         OT-Flow (RK4, 8 steps)             42.2   32/32   2.879             27399
+    moons         zuko CNF (exact)                  196.6  108/64   2.648             10361
+    moons         plain torchdiffeq FFJORD          110.6   34/29   3.031             11092
+    checkerboard  CNF hutchinson                    115.9   38/33   4.156  3.466     13260
+    checkerboard  CNF exact                         152.9   46/32   4.151             13251
+    checkerboard  CNF hutchinson + RNODE            124.9   44/32   4.146             11526
+    checkerboard  CNF flow matching (OT)              9.8    1/1    4.241             11449
+    checkerboard  OT-Flow                            41.5   32/32   4.666             30040
+    checkerboard  zuko CNF (exact)                  187.0   64/42   4.224             30436
+    checkerboard  plain torchdiffeq FFJORD          128.3   30/38   4.210             11558
+    8gaussians    CNF hutchinson                    111.8   63/39   3.061  2.830      7593
+    8gaussians    CNF exact                         132.9   59/41   3.056              7779
+    8gaussians    CNF hutchinson + RNODE            123.4   77/47   3.066              8311
+    8gaussians    CNF flow matching (OT)             10.8    1/1    3.418             14270
+    8gaussians    OT-Flow                            34.6   32/32   4.021             31258
+    8gaussians    zuko CNF (exact)                  119.5   62/37   3.028             20606
+    8gaussians    plain torchdiffeq FFJORD           94.5   57/38   3.035              8356
 
-(the first five rows are one run, the rest the --equal-time run; the full three-data-set
-table of all seven methods at 100 steps was measured before the concat-squash time gating
-was made one row per solve, which cut our CNF's step by 15-40%.)
+--equal-time (flow matching and OT-Flow go on until they have used the plain FFJORD's CPU
+time for its 100 steps, 11-15 s):
+
+    moons         flow matching, 1159 steps          10.1    1/1    1.927  1.676
+    moons         OT-Flow, 301 steps                 37.1   32/32   2.110
+    moons         plain torchdiffeq FFJORD          114.9   29/32   3.038
+    checkerboard  flow matching, 1421 steps          10.2    1/1    3.819  3.466
+    checkerboard  OT-Flow, 324 steps                 44.3   32/32   4.355
+    checkerboard  plain torchdiffeq FFJORD          152.1   32/38   4.191
+    8gaussians    flow matching, 1149 steps          12.3    1/1    2.810  2.830
+    8gaussians    OT-Flow, 334 steps                 42.0   32/32   3.205
+    8gaussians    plain torchdiffeq FFJORD          133.2   55/38   3.004
 """
 
 import argparse
