@@ -331,6 +331,28 @@ def test_ffjord_trains_with_fit_density():
     assert hist["best_val_nll"] > 1.6  # not below moons' entropy (1.68 nats)
 
 
+def test_fit_density_adds_the_layers_penalties(monkeypatch):
+    # the RNODE terms of each training solve enter the loss fit_density differentiates
+    layer = CNF(2, hidden_dims=(8,), kinetic_weight=0.5, jacobian_weight=0.5, rtol=1e-3,
+                atol=1e-3)
+    flow = pfe.Flow(None, [layer])
+    seen = []
+    original = CNF.regularization
+
+    def spy(self):
+        value = original(self)
+        seen.append((value.requires_grad, float(value)))
+        return value
+
+    monkeypatch.setattr(CNF, "regularization", spy)
+    hist = fit_density(flow, moons(500, 0), num_steps=3, batch_size=64, progress=False,
+                       eval_every=3, val_data=moons(100, 1))
+    # zero-initialised dynamics have no kinetic energy at step 0; afterwards the terms are > 0
+    assert len(seen) == 3 and all(grad for grad, _ in seen) and seen[0][1] == 0
+    assert seen[1][1] > 0 and seen[2][1] > 0 and len(hist["loss"]) == 3
+    assert all(math.isfinite(v) for v in hist["loss"])
+
+
 def test_flow_matching_trains_ffjord():
     flow = pfe.flows.ffjord(2, hidden_dims=(32, 32), rtol=1e-4, atol=1e-4)
     hist = fit_flow_matching(flow, moons(4000, 0), num_steps=300, batch_size=256,

@@ -461,7 +461,9 @@ def fit_density(flow, data, num_steps=2000, batch_size=512, optim=None, val_frac
     validation data than the start. Training stops early after ``patience`` validations
     without improvement. A non-finite loss stops training with a :class:`TrainingDiverged`
     warning and restores the best parameters; the checkpoint keeps the last good state.
-    The flow is left in eval mode.
+    The flow is left in eval mode. Layers with training penalties (a ``regularization()``
+    method: CNF's RNODE terms, OT-Flow's transport and HJB costs, weighted by the layers' own
+    ``*_weight`` arguments) add them to each step's loss; the recorded loss is the NLL.
 
     Args:
         flow: a :class:`~pyro_flows_ext.Flow` (any module-distribution with ``log_prob``).
@@ -570,13 +572,19 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
                       + (f" and kept checkpoint {checkpoint}" if checkpoint else "")
                       + ". " + _divergence_advice(train, flow), TrainingDiverged, stacklevel=3)
 
+    # layers with training penalties (CNF's RNODE terms, OT-Flow's transport and HJB costs,
+    # weighted by their own *_weight arguments) add them to the loss of each step
+    regularized = [getattr(t, "layer", t) for t in getattr(flow, "transforms", ())
+                   if hasattr(getattr(t, "layer", t), "regularization")]
     start = state["step"]
     batches = _batches(len(train), batch_size, seed, start)
     bar = tqdm(range(start, num_steps), disable=not progress, desc="fit", dynamic_ncols=True)
     for step in bar:
         loss = -flow.log_prob(train[next(batches).to(device)]).mean()
-        loss_value = loss.item()
-        if not math.isfinite(loss_value):
+        loss_value = loss.item()  # the NLL; the regularisers below are not part of it
+        for t in regularized:
+            loss = loss + t.regularization()
+        if not math.isfinite(loss_value) or (regularized and not torch.isfinite(loss)):
             stop_diverged(step, f"non-finite loss ({loss_value})")
             break
         opt.zero_grad()
