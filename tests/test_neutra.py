@@ -43,7 +43,6 @@ def funnel_guide(dim, steps):
     return model, guide
 
 
-@pytest.mark.slow  # about a minute on one CPU thread
 def test_neutra_funnel_marginal_of_v():
     model, guide = funnel_guide(4, 600)
     with warnings.catch_warnings():

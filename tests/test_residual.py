@@ -105,7 +105,6 @@ def test_power_series_close_to_exact_and_eval_is_deterministic():
     torch.testing.assert_close(a, exact)
 
 
-@pytest.mark.slow  # about a minute on one CPU thread
 def test_residual_flow_fits_moons_beyond_a_gaussian():
     flow = assert_fit_beats_gaussian(pfe.flows.residual_flow(2, num_blocks=4,
                                                              hidden_dims=(32, 32)))
