@@ -24,7 +24,8 @@ FLOWS = {}
 
 #: Values that arguments added to a builder later had before they existed: a saved spec
 #: without the argument was written by a version that built the flow this way.
-LEGACY_DEFAULTS = {"realnvp": {"conv": True, "invert": False, "zero_init": True}}
+LEGACY_DEFAULTS = {"realnvp": {"norm": "actnorm", "conv": True, "invert": False,
+                               "zero_init": True}}
 
 
 def register(fn):
@@ -77,7 +78,7 @@ _NORMS = {"actnorm": ActNorm, "batchnorm": InvertibleBatchNorm, None: None, "non
 
 
 @register
-def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm="actnorm", conv=False, lu=False,
+def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm=None, conv=False, lu=False,
             clamp=5.0, readout_scale=1.0, invert=True, zero_init=True):
     r"""RealNVP/Glow stack, the tutorial's "putting it all together": ``num_layers`` times
     affine coupling, a normalisation and a mixing layer (a fixed reversal; with ``conv=True``
@@ -86,7 +87,9 @@ def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm="actnorm", conv=False,
     Defaults (measured on ``make_moons(noise=0.05)``, 2000 ``fit_density`` steps, 3 seeds):
     affine maps in zuko's data-to-base form (``invert=True``: test NLL median 0.343 vs 0.373
     for the generative form) and reversals instead of 1x1 convolutions (the convolution made
-    the result seed-dependent and cost a third of the training speed).
+    the result seed-dependent and cost a third of the training speed). No ActNorm by default:
+    the Gaussian start already standardises the data side (toy moons / checkerboard, 3
+    seeds: 1.713 / 3.687 without it, 1.714 / 3.691 with it, at 0.73x the time per step).
 
     Args:
         dim: event size ``D >= 2``.

@@ -135,9 +135,9 @@ def test_main_restores_threads_and_rngs(tmp_path):
 
 
 def test_old_checkpoint_with_data_loc_and_scale_loads_as_a_standardize_layer(tmp_path):
-    # the flow an old version built for this spec (its defaults: conv=True, invert=False)
+    # the flow an old version built for this spec (its defaults: ActNorm, conv, generative)
     old = pfe.flows.realnvp(2, num_layers=1, hidden_dims=(8,), gaussian_start=False,
-                            conv=True, invert=False)
+                            **pfe.flows.LEGACY_DEFAULTS["realnvp"])
     with torch.no_grad():
         for p in old.parameters():
             p.add_(0.1 * torch.randn_like(p))

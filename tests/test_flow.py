@@ -157,7 +157,7 @@ def test_realnvp_saved_before_its_new_defaults_reloads_as_it_was():
 
     from .contract import perturb
 
-    old = perturb(pfe.flows.realnvp(2, num_layers=2, conv=True, invert=False,
+    old = perturb(pfe.flows.realnvp(2, num_layers=2, norm="actnorm", conv=True, invert=False,
                                     gaussian_start=False), 0.2)
     record = {"format": FORMAT, "spec": {"flow": "realnvp", "dim": 2, "kwargs": {"num_layers": 2}},
               "state_dict": old.state_dict()}
