@@ -29,8 +29,8 @@ argument validation off process-wide.
     PYTHONPATH=. python benchmarks/small_data_zuko.py --sets wine,iris --flows nsf,realnvp
 
 Builders whose training or exact log-density is slow at larger D (``SLOW``: the continuous
-flows, the exact-log-det residual flow and iaf, whose log_prob inverts D passes) run only on data sets with at most
-``--slow-max-dim`` features (default 13); their other cells read "skip".
+flows, the exact-log-det residual flow and iaf, whose log_prob inverts D passes) run only on
+data sets with at most ``--slow-max-dim`` features (default 13); their other cells read "skip".
 """
 
 import argparse
@@ -47,7 +47,6 @@ import zuko  # noqa: E402  (benchmark only: it disables distribution validation 
 
 import pyro_flows_ext as pfe  # noqa: E402
 from pyro_flows_ext.infer import fit_density  # noqa: E402
-
 
 # -- data ------------------------------------------------------------------------------------
 
@@ -113,8 +112,8 @@ class _Zuko(torch.nn.Module):
 
 
 try:  # fit_density's own split, batch order and cadence where the installed version has them
-    from pyro_flows_ext.infer.density import default_eval_every, default_patience, split_data
     from pyro_flows_ext.infer.density import _batches as _fit_batches
+    from pyro_flows_ext.infer.density import default_eval_every, default_patience, split_data
     _NEW_PROTOCOL = True
 except ImportError:
     _NEW_PROTOCOL = False
@@ -246,9 +245,11 @@ def main():
     flows = args.flows.split(",") if args.flows else list(pfe.flows.FLOWS)
     models = ["gaussian"] + flows + ([] if args.no_zuko else ["zuko NSF", "zuko RealNVP"])
     seeds = [int(s) for s in args.seeds.split(",")]
+    shown = ("batch_size", "val_fraction", "eval_every", "patience")
+    fit_defaults = {k: FIT_DEFAULTS[k] for k in shown if k in FIT_DEFAULTS}
     print(f"torch {torch.__version__}, zuko {zuko.__version__}, threads "
           f"{torch.get_num_threads()}; {args.steps} steps; fit_density defaults "
-          f"{ {k: FIT_DEFAULTS[k] for k in ('batch_size', 'val_fraction', 'eval_every', 'patience') if k in FIT_DEFAULTS} } "
+          f"{fit_defaults} "
           f"(zuko loop: val_fraction, eval_every, patience, step-0 validation = "
           f"{_protocol(args.steps)}); "
           f"test fraction {args.test_fraction}; seeds {seeds} (median); digits dequantisation "
