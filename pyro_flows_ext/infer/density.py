@@ -616,9 +616,12 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
 
 
 def _validate(flow, val, state, opt, step):
-    """Scores the validation rows, updates the best state and the patience counter."""
+    """Scores the validation rows (a non-finite score counts as +inf), updates the best state
+    and the patience counter."""
     history = state["history"]
     val_nll = mean_nll(flow, val)
+    if not math.isfinite(val_nll):
+        val_nll = math.inf
     history["val_step"].append(step)
     history["val_nll"].append(val_nll)
     if val_nll < history["best_val_nll"]:

@@ -32,12 +32,12 @@ from .density import (
     _divergence_advice,
     _set_rng_state,
     _snapshot,
+    _validate,
     as_data,
     check_columns,
     default_patience,
     fingerprint,
     load_checkpoint,
-    mean_nll,
     prepare,
     save_checkpoint,
     split_data,
@@ -276,20 +276,3 @@ def _fit(flow, data, num_steps, batch_size, optim, coupling, sigma, ot_block, va
         flow.load_state_dict(state["best_state"])
     flow.eval()
     return history
-
-
-def _validate(flow, val, state, opt, step):
-    """The exact-trace NLL of the validation rows; updates the best state and patience."""
-    history = state["history"]
-    val_nll = mean_nll(flow, val)
-    if not math.isfinite(val_nll):
-        val_nll = math.inf
-    history["val_step"].append(step)
-    history["val_nll"].append(val_nll)
-    if val_nll < history["best_val_nll"]:
-        history["best_val_nll"], history["best_step"] = val_nll, step
-        state["best_state"], state["bad_evals"] = _snapshot(flow), 0
-    else:
-        state["bad_evals"] += 1
-    opt.validated(val_nll)
-    return val_nll
