@@ -13,6 +13,7 @@ from .transforms import (
     InvertibleBatchNorm,
     InvertibleConv1x1,
     MaskedAutoregressive,
+    Permute,
     RationalQuadraticSpline,
     ResidualBlock,
     Reverse,
@@ -25,7 +26,7 @@ FLOWS = {}
 #: Values that arguments added to a builder later had before they existed: a saved spec
 #: without the argument was written by a version that built the flow this way.
 LEGACY_DEFAULTS = {"realnvp": {"norm": "actnorm", "conv": True, "invert": False,
-                               "zero_init": True}}
+                               "zero_init": True, "permute": False}}
 
 
 def register(fn):
@@ -79,7 +80,7 @@ _NORMS = {"actnorm": ActNorm, "batchnorm": InvertibleBatchNorm, None: None, "non
 
 @register
 def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm=None, conv=False, lu=False,
-            clamp=5.0, readout_scale=1.0, invert=True, zero_init=True):
+            clamp=5.0, readout_scale=1.0, invert=True, zero_init=True, permute=True):
     r"""RealNVP/Glow stack, the tutorial's "putting it all together": ``num_layers`` times
     affine coupling, a normalisation and a mixing layer (a fixed reversal; with ``conv=True``
     the tutorial's invertible 1x1 convolution, a learned rotation of the event).
@@ -103,6 +104,11 @@ def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm=None, conv=False, lu=F
         invert: affine maps run data to base (``z_b = x_b e^s + t``, zuko's form); ``False``:
             base to data (``x_b = z_b e^s + t``, the earlier default).
         zero_init: couplings start at the identity.
+        permute: without ``conv``, mix with fixed random permutations for ``D > 2`` (a
+            reversal keeps the same halves together, so coordinates in one half would never
+            condition each other: an augmented 4-D realnvp on checkerboard stalled at 4.50
+            nats with reversals, 4.01 with permutations, 3.93 with 1x1 convolutions, 1000
+            steps); ``False``: reversals.
     """
     if norm not in _NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected 'actnorm', 'batchnorm' or None")
@@ -113,7 +119,12 @@ def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm=None, conv=False, lu=F
                                      zero_init=zero_init))
         if _NORMS[norm] is not None:
             layers.append(_NORMS[norm](dim))
-        layers.append(InvertibleConv1x1(dim, lu=lu) if conv else Reverse(dim))
+        if conv:
+            layers.append(InvertibleConv1x1(dim, lu=lu))
+        elif permute and dim > 2:  # a fixed random permutation (a buffer, saved)
+            layers.append(Permute(dim))
+        else:
+            layers.append(Reverse(dim))
     return Flow(None, layers)
 
 

@@ -29,7 +29,7 @@ _MIN_SCALE = 1e-6
 # splines applied in the sampling direction (the guide's hot path). The measurements behind
 # them: benchmarks/README.md, "Guide defaults: why".
 GUIDE_DEFAULTS = {"realnvp": {"num_layers": 4, "norm": None, "conv": False, "clamp": 1.0,
-                              "invert": False},
+                              "invert": False, "permute": False},
                   "nsf": {"num_layers": 2, "inverse": True},
                   "iaf": {"clamp": 2.0},
                   "maf": {"clamp": 2.0}}
