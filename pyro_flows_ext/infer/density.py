@@ -537,40 +537,11 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
     state = {"step": 0, "history": None, "best_state": None, "bad_evals": 0, "optimizer": opt,
              "device": device, "fingerprint": fingerprint(train)}
 
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        record = load_checkpoint(checkpoint, flow, state["fingerprint"])
-        flow.load_state_dict(record["current_state"])
-        if record.get("optimizer") is not None:
-            try:
-                opt.load_state_dict(record["optimizer"])
-            except (KeyError, TypeError):
-                warnings.warn(f"{checkpoint}: optimizer state of an older format; starting "
-                              "the optimizer afresh", stacklevel=3)
-        if record.get("rng") is not None:
-            _set_rng_state(record["rng"], device)
-        state.update(step=record["step"], history=record["history"],
-                     best_state=record["state_dict"], bad_evals=record.get("bad_evals", 0))
-        state["history"].update(start_step=record["step"], loss=list(record["history"]["loss"]))
-    else:
-        done = prepare(flow, train) if initialize else []
-        history = {"loss": [], "val_step": [], "val_nll": [], "best_step": 0,
-                   "best_val_nll": math.inf, "stopped": None, "start_step": 0,
-                   "n_train": len(train), "n_val": len(val), "initialized": done}
-        state["history"] = history
-        state["best_state"] = _snapshot(flow)
-        if math.isfinite(_validate(flow, val, state, opt, 0)) and checkpoint is not None:
-            save_checkpoint(checkpoint, flow, state)
-    history = state["history"]
-    history["stopped"] = None if state["step"] < num_steps else history["stopped"]
+    _start_or_resume(flow, train, val, state, opt, checkpoint, resume, initialize, num_steps)
     flow.train()
 
     def stop_diverged(step, what):
-        history["stopped"] = f"{what} at step {step}"
-        flow.load_state_dict(state["best_state"])
-        warnings.warn(f"training stopped: {what} at step {step}; restored the last good "
-                      f"parameters (step {history['best_step']})"
-                      + (f" and kept checkpoint {checkpoint}" if checkpoint else "")
-                      + ". " + _divergence_advice(train, flow), TrainingDiverged, stacklevel=3)
+        _diverged(flow, train, state, checkpoint, step, what)
 
     # layers with training penalties (CNF's RNODE terms, OT-Flow's transport and HJB costs,
     # weighted by their own *_weight arguments) add them to the loss of each step
@@ -598,17 +569,79 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
                 stop_diverged(step, "non-finite gradient")
                 break
         opt.step()
-        history["loss"].append(loss_value)
-        state["step"] = step + 1
-        if (step + 1) % eval_every == 0 or step + 1 == num_steps:
-            val_nll = _validate(flow, val, state, opt, step + 1)
-            if checkpoint is not None and math.isfinite(val_nll):
-                save_checkpoint(checkpoint, flow, state)
-            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_nll:.3f}")
-            if patience is not None and state["bad_evals"] >= patience:
-                history["stopped"] = f"early stopping at step {step + 1}"
-                break
+        if _end_of_step(flow, val, state, opt, step, loss_value, num_steps, eval_every,
+                        checkpoint, patience, bar):
+            break
+    return _finish(flow, state, bar)
+
+
+def _start_or_resume(flow, train, val, state, opt, checkpoint, resume, initialize, num_steps):
+    """Restores a checkpointed run (parameters, optimizer, RNG, history, patience) or starts
+    one (data-dependent layers set from ``train``, validation at step 0). Returns the
+    history."""
+    if resume and checkpoint is not None and os.path.exists(checkpoint):
+        record = load_checkpoint(checkpoint, flow, state["fingerprint"])
+        flow.load_state_dict(record["current_state"])
+        if record.get("optimizer") is not None:
+            try:
+                opt.load_state_dict(record["optimizer"])
+            except (KeyError, TypeError):
+                warnings.warn(f"{checkpoint}: optimizer state of an older format; starting "
+                              "the optimizer afresh", stacklevel=4)
+        if record.get("rng") is not None:
+            _set_rng_state(record["rng"], state["device"])
+        state.update(step=record["step"], history=record["history"],
+                     best_state=record["state_dict"], bad_evals=record.get("bad_evals", 0))
+        state["history"].update(start_step=record["step"], loss=list(record["history"]["loss"]))
+    else:
+        done = prepare(flow, train) if initialize else []
+        state["history"] = {"loss": [], "val_step": [], "val_nll": [], "best_step": 0,
+                            "best_val_nll": math.inf, "stopped": None, "start_step": 0,
+                            "n_train": len(train), "n_val": len(val), "initialized": done}
+        state["best_state"] = _snapshot(flow)
+        if math.isfinite(_validate(flow, val, state, opt, 0)) and checkpoint is not None:
+            save_checkpoint(checkpoint, flow, state)
+    history = state["history"]
+    history["stopped"] = None if state["step"] < num_steps else history["stopped"]
+    return history
+
+
+def _diverged(flow, train, state, checkpoint, step, what):
+    """Stops on a non-finite loss or gradient: restores the best parameters and warns (the
+    checkpoint keeps the last good state)."""
+    history = state["history"]
+    history["stopped"] = f"{what} at step {step}"
+    flow.load_state_dict(state["best_state"])
+    warnings.warn(f"training stopped: {what} at step {step}; restored the last good "
+                  f"parameters (step {history['best_step']})"
+                  + (f" and kept checkpoint {checkpoint}" if checkpoint else "")
+                  + ". " + _divergence_advice(train, flow), TrainingDiverged, stacklevel=4)
+
+
+def _end_of_step(flow, val, state, opt, step, loss_value, num_steps, eval_every, checkpoint,
+                 patience, bar):
+    """Records a finished step; validates and checkpoints on schedule. True: stop early."""
+    history = state["history"]
+    history["loss"].append(loss_value)
+    state["step"] = step + 1
+    if (step + 1) % eval_every and step + 1 != num_steps:
+        return False
+    val_nll = _validate(flow, val, state, opt, step + 1)
+    flow.train()
+    if checkpoint is not None and math.isfinite(val_nll):
+        save_checkpoint(checkpoint, flow, state)
+    bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_nll:.3f}")
+    if patience is not None and state["bad_evals"] >= patience:
+        history["stopped"] = f"early stopping at step {step + 1}"
+        return True
+    return False
+
+
+def _finish(flow, state, bar):
+    """Closes the bar, restores the best parameters (unless training diverged: they already
+    are) and leaves the flow in eval mode."""
     bar.close()
+    history = state["history"]
     if history["stopped"] is None or history["stopped"].startswith("early"):
         flow.load_state_dict(state["best_state"])
     flow.eval()

@@ -14,8 +14,6 @@ mode), sampling by the ODE.
 """
 
 import math
-import os
-import warnings
 
 import pyro.optim
 import torch
@@ -26,20 +24,16 @@ from ..io import to_record
 from .density import (
     MIN_ROWS,
     FlowOptimizer,
-    TrainingDiverged,
     _batches,
     _check_settings,
-    _divergence_advice,
-    _set_rng_state,
-    _snapshot,
-    _validate,
+    _diverged,
+    _end_of_step,
+    _finish,
+    _start_or_resume,
     as_data,
     check_columns,
     default_patience,
     fingerprint,
-    load_checkpoint,
-    prepare,
-    save_checkpoint,
     split_data,
     torch_threads,
 )
@@ -186,26 +180,7 @@ def _fit(flow, data, num_steps, batch_size, optim, coupling, sigma, ot_block, va
     state = {"step": 0, "history": None, "best_state": None, "bad_evals": 0, "optimizer": opt,
              "device": device, "fingerprint": fingerprint(train)}
 
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        record = load_checkpoint(checkpoint, flow, state["fingerprint"])
-        flow.load_state_dict(record["current_state"])
-        if record.get("optimizer") is not None:
-            opt.load_state_dict(record["optimizer"])
-        if record.get("rng") is not None:
-            _set_rng_state(record["rng"], device)
-        state.update(step=record["step"], history=record["history"],
-                     best_state=record["state_dict"], bad_evals=record.get("bad_evals", 0))
-        state["history"].update(start_step=record["step"], loss=list(record["history"]["loss"]))
-    else:
-        done = prepare(flow, train) if initialize else []
-        state["history"] = {"loss": [], "val_step": [], "val_nll": [], "best_step": 0,
-                            "best_val_nll": math.inf, "stopped": None, "start_step": 0,
-                            "n_train": len(train), "n_val": len(val), "initialized": done}
-        state["best_state"] = _snapshot(flow)
-        if math.isfinite(_validate(flow, val, state, opt, 0)) and checkpoint is not None:
-            save_checkpoint(checkpoint, flow, state)
-    history = state["history"]
-    history["stopped"] = None if state["step"] < num_steps else history["stopped"]
+    _start_or_resume(flow, train, val, state, opt, checkpoint, resume, initialize, num_steps)
 
     was = flow.training
     flow.eval()
@@ -216,12 +191,7 @@ def _fit(flow, data, num_steps, batch_size, optim, coupling, sigma, ot_block, va
     flow.train()
 
     def stop_diverged(step, what):
-        history["stopped"] = f"{what} at step {step}"
-        flow.load_state_dict(state["best_state"])
-        warnings.warn(f"training stopped: {what} at step {step}; restored the last good "
-                      f"parameters (step {history['best_step']})"
-                      + (f" and kept checkpoint {checkpoint}" if checkpoint else "")
-                      + ". " + _divergence_advice(train, flow), TrainingDiverged, stacklevel=3)
+        _diverged(flow, train, state, checkpoint, step, what)
 
     start = state["step"]
     batches = _batches(len(train), batch_size, seed, start)
@@ -260,19 +230,7 @@ def _fit(flow, data, num_steps, batch_size, optim, coupling, sigma, ot_block, va
                 stop_diverged(step, "non-finite gradient")
                 break
         opt.step()
-        history["loss"].append(loss_value)
-        state["step"] = step + 1
-        if (step + 1) % eval_every == 0 or step + 1 == num_steps:
-            val_nll = _validate(flow, val, state, opt, step + 1)
-            flow.train()
-            if checkpoint is not None and math.isfinite(val_nll):
-                save_checkpoint(checkpoint, flow, state)
-            bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_nll:.3f}")
-            if patience is not None and state["bad_evals"] >= patience:
-                history["stopped"] = f"early stopping at step {step + 1}"
-                break
-    bar.close()
-    if history["stopped"] is None or history["stopped"].startswith("early"):
-        flow.load_state_dict(state["best_state"])
-    flow.eval()
-    return history
+        if _end_of_step(flow, val, state, opt, step, loss_value, num_steps, eval_every,
+                        checkpoint, patience, bar):
+            break
+    return _finish(flow, state, bar)
