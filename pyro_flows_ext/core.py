@@ -298,9 +298,9 @@ class ConditionedLayer(FlowLayer):
         self.layer, self.context = layer, context
         self.bijective, self.exact, self.event_dim = layer.bijective, layer.exact, layer.event_dim
         self.fast_inverse, self.stl_stable = layer.fast_inverse, layer.stl_stable
+        # an unseen pair is scored by the base rule with the context (a layer's own closed
+        # form cannot see it; condition() returns unconditional layers themselves)
         self.stochastic_inverse = getattr(layer, "stochastic_inverse", not layer.bijective)
-        if type(layer)._ladj_of_unseen_pair is not FlowLayer._ladj_of_unseen_pair:
-            self._ladj_of_unseen_pair = self._layer_ladj_of_unseen_pair
         self.dim = getattr(layer, "dim", None)
 
     @constraints.dependent_property(is_discrete=False)
@@ -319,11 +319,6 @@ class ConditionedLayer(FlowLayer):
 
     def base_event_shape(self):
         return self.layer.base_event_shape()
-
-    def _layer_ladj_of_unseen_pair(self, z, x):
-        if self.layer.context_dim:  # the layer's closed form cannot see the context
-            return FlowLayer._ladj_of_unseen_pair(self, z, x)
-        return self.layer._ladj_of_unseen_pair(z, x)
 
     def call_and_ladj(self, z):
         return self.layer.call_and_ladj(z, context=self.context)
