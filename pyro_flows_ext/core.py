@@ -210,14 +210,23 @@ class FlowLayer(TransformModule, ConditionalTransform):
 
     def inverse_with_cache(self, x):
         """``(z, v)`` for ``x``, reusing the cached pair when ``x`` is a sample this layer
-        just produced (or, for a non-bijective layer, a tensor it just scored)."""
+        just produced (or, for a non-bijective layer, a tensor it just scored). Inside
+        ``torch.compile`` the cache is neither read nor written (its identity and version
+        checks would break the graph): a compiled ``log_prob`` scores every tensor afresh."""
+        if torch.compiler.is_compiling():
+            self.inverse_shape(x.shape)
+            return self.inverse_and_ladj(x)
         if self._reusable_for_inverse(x):
             return self._pair.z, -self._pair.ladj
         z = self._inverse(x)
         return z, -self._pair.ladj
 
     def call_with_cache(self, z):
-        """``(x, ladj)`` for ``z``, reusing the cached pair when ``z`` is its base-side tensor."""
+        """``(x, ladj)`` for ``z``, reusing the cached pair when ``z`` is its base-side tensor
+        (outside ``torch.compile``, as :meth:`inverse_with_cache`)."""
+        if torch.compiler.is_compiling():
+            self.forward_shape(z.shape)
+            return self.call_and_ladj(z)
         pair = self._pair
         if pair is not None and pair.z is z and pair.fresh(self):
             return pair.x, pair.ladj

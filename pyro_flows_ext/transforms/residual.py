@@ -33,7 +33,9 @@ class SpectralLinear(nn.Module):
     norm estimated by power iteration (persistent vector ``u``). The vectors are updated
     only when the weight has changed since the last update (tracked by its version
     counter), so repeated calls with the same weight use the same matrix: round trips stay
-    exact and eval mode is deterministic."""
+    exact and eval mode is deterministic. Under ``torch.compile`` (which cannot read version
+    counters) the same rule is branch-free: the update is computed and kept only where the
+    weight differs from ``w_seen``, the weight of the last update."""
 
     def __init__(self, in_dim, out_dim, coeff, n_power_iterations):
         super().__init__()
@@ -42,6 +44,7 @@ class SpectralLinear(nn.Module):
         u = F.normalize(torch.randn(out_dim), dim=0)
         self.register_buffer("u", u)
         self.register_buffer("v", F.normalize(self.linear.weight.detach().T @ u, dim=0))
+        self.register_buffer("w_seen", self.linear.weight.detach().clone(), persistent=False)
         self._seen = None
         self.update(100)
 
@@ -54,11 +57,27 @@ class SpectralLinear(nn.Module):
             u = F.normalize(w @ v, dim=0, eps=1e-12)
         self.u.copy_(u)
         self.v.copy_(v)
+        self.w_seen.copy_(w)
         self._seen = (id(w), w._version)
+
+    @torch.no_grad()
+    def _update_if_changed(self, w):
+        """:meth:`update` without data-dependent control flow (for compiled graphs)."""
+        u, v = self.u.to(w.dtype), self.v.to(w.dtype)
+        new_u, new_v = u, v
+        for _ in range(self.n_iter):
+            new_v = F.normalize(w.T @ new_u, dim=0, eps=1e-12)
+            new_u = F.normalize(w @ new_v, dim=0, eps=1e-12)
+        changed = (w != self.w_seen.to(w.dtype)).any()
+        self.u.copy_(torch.where(changed, new_u, u))
+        self.v.copy_(torch.where(changed, new_v, v))
+        self.w_seen.copy_(w)
 
     def weight(self):
         w = self.linear.weight
-        if self._seen is None:  # just unpickled / copied: the saved vectors are current
+        if torch.compiler.is_compiling():
+            self._update_if_changed(w.detach())
+        elif self._seen is None:  # just unpickled / copied: the saved vectors are current
             self._seen = (id(w), w._version)
         elif self._seen != (id(w), w._version):
             self.update(self.n_iter)
