@@ -42,10 +42,24 @@ def register(fn):
     * ``standardize=False``: ``True`` adds a fixed
       :class:`~pyro_flows_ext.transforms.Standardize` after it (the identity until set from
       data, e.g. by ``fit_density``), so the flow is a density in the data's own units.
+
+    Image builders take a shape ``(C, H, W)`` as ``dim``; both options are vector layers, so
+    for them ``gaussian_start`` is off (asking for either is an error) and ``flow.spec``
+    also records ``shape``.
     """
     signature = inspect.signature(fn)
 
-    def builder(dim, gaussian_start=True, standardize=False, **kwargs):
+    def builder(dim, gaussian_start=None, standardize=False, **kwargs):
+        image = isinstance(dim, (tuple, list, torch.Size))
+        if image:
+            if gaussian_start or standardize:
+                raise ValueError(f"{fn.__name__}({tuple(dim)}, ...) builds an image flow: "
+                                 "gaussian_start and standardize are vector layers and are not "
+                                 "available; leave them out (preprocess images with a logit "
+                                 "or dequantization layer instead)")
+            dim, gaussian_start = tuple(int(d) for d in dim), False
+        elif gaussian_start is None:
+            gaussian_start = True
         bound = signature.bind(dim, **kwargs)
         bound.apply_defaults()
         full = {}
@@ -61,6 +75,8 @@ def register(fn):
             flow = Flow(None, list(flow.transforms) + data_side)
         full.update(gaussian_start=bool(gaussian_start), standardize=bool(standardize))
         flow.spec = {"flow": fn.__name__, "dim": dim, "kwargs": full}
+        if image:
+            flow.spec["shape"] = dim
         return flow
 
     builder.__name__, builder.__doc__, builder.__wrapped__ = fn.__name__, fn.__doc__, fn
@@ -331,3 +347,127 @@ def rad_flow(dim, inner="nsf", num_layers=4, hidden_dims=(64, 64), count_bins=8,
 
     layers = _inner_layers(dim, inner, num_layers, hidden_dims, count_bins, bound)
     return Flow(None, layers + [RAD(dim, num_pieces, tuple(gate_hidden_dims))])
+
+
+# -- image flows (issue 14) --------------------------------------------------------------------
+
+_IMAGE_CONVS = ("1x1", "lu", "emerging")
+
+
+def _image_conv(kind, channels):
+    from .transforms import EmergingConv
+
+    if kind == "emerging":
+        return EmergingConv(channels)
+    return InvertibleConv1x1(channels, lu=kind == "lu", event_dim=3)
+
+
+def _check_image_args(shape, levels, steps_per_level, factor_out, coupling_mask, conv,
+                      slice_fraction):
+    if not isinstance(shape, tuple) or len(shape) != 3 or any(s < 1 for s in shape):
+        raise ValueError(f"glow expects an image shape (C, H, W) of positive sizes, got "
+                         f"{shape!r} (for vectors use realnvp, nsf, maf, ...)")
+    if int(levels) < 1 or int(steps_per_level) < 1:
+        raise ValueError(f"glow needs levels >= 1 and steps_per_level >= 1, got {levels}, "
+                         f"{steps_per_level}")
+    step = 2 ** int(levels)
+    if shape[1] % step or shape[2] % step:
+        raise ValueError(f"glow with levels={levels} halves height and width {levels} times, so "
+                         f"both must be divisible by {step}; got shape {tuple(shape)}")
+    for name, value, allowed in (("factor_out", factor_out, ("slice", "maxpool")),
+                                 ("coupling_mask", coupling_mask, ("checkerboard", "channel")),
+                                 ("conv", conv, _IMAGE_CONVS)):
+        if value not in allowed:
+            raise ValueError(f"unknown {name} {value!r}; expected one of {', '.join(allowed)}")
+    if not 0 < slice_fraction < 1:
+        raise ValueError(f"slice_fraction must be in (0, 1), got {slice_fraction}")
+
+
+@register
+def glow(shape, levels=2, steps_per_level=4, hidden_channels=64, num_blocks=1,
+         factor_out="slice", coupling_mask="channel", conv="lu", slice_fraction=0.5,
+         clamp=5.0, context_dim=0):
+    r"""Multi-scale Glow (Kingma & Dhariwal 2018) over continuous ``(C, H, W)`` images, with
+    RealNVP's or SurVAE's factor-out. From data to base: a :class:`~.transforms.Squeeze`,
+    then ``levels`` scales of ``steps_per_level`` steps (:class:`~.transforms.ActNorm`, an
+    invertible convolution, an :class:`~.transforms.ImageCoupling`); between scales a
+    factor-out halves height and width:
+
+    * ``"slice"``: a squeeze, then a :class:`~.surjections.ChannelSlice` keeping
+      ``slice_fraction`` of the channels (0.5: Glow's split; 0.25 keeps as many values as
+      max-pooling, SurVAE's matched baseline); the dropped channels get a Gaussian whose
+      mean and scale a ResNet computes from the kept ones (Glow's learned prior).
+    * ``"maxpool"``: a :class:`~.surjections.MaxPool2d` (SurVAE Flows, Nielsen et al. 2020),
+      keeping the window maxima (a quarter of the values); position and gaps are modelled
+      given the maxima.
+
+    The base is a standard normal over the last scale's shape. Both factor-outs are inference
+    surjections, so ``log_prob`` is exact. The flow models continuous values (e.g. logits
+    of dequantized pixels); add the data-side preprocessing after its layers
+    (``Flow(None, list(flow.transforms) + [...])``: the base shape is known to the first
+    layer). Every coupling starts at the identity and every ActNorm is set from data by
+    ``fit_density``.
+
+    Args:
+        shape: ``(C, H, W)``, ``H`` and ``W`` divisible by ``2 ** levels``.
+        levels: number of scales.
+        steps_per_level: Glow steps per scale.
+        hidden_channels: width of every conditioner ResNet.
+        num_blocks: residual blocks per ResNet.
+        factor_out: ``"slice"`` or ``"maxpool"``.
+        coupling_mask: ``"channel"`` (Glow: halves of the channels, alternating) or
+            ``"checkerboard"`` (RealNVP: alternating pixel parities).
+        conv: ``"lu"`` (LU-parametrised 1x1 convolution), ``"1x1"`` (plain 1x1) or
+            ``"emerging"`` (3x3 :class:`~.transforms.EmergingConv`; sampling solves a
+            triangular system per scale).
+        slice_fraction: share of the squeezed channels a slice keeps.
+        clamp: soft bound on the coupling and slice log-scales.
+        context_dim: size of a context vector (e.g. a one-hot class) seen by every coupling
+            and slice: a conditional flow, ``flow.condition(c)``.
+    Shapes: ``flow.event_shape == shape``; ``sample((n,))``: ``(n, C, H, W)``;
+    ``log_prob(x)`` for ``x`` of shape ``(*batch, C, H, W)``: ``batch``.
+
+    Example:
+        >>> flow = glow((1, 8, 8), levels=2, steps_per_level=1, hidden_channels=8)
+        >>> tuple(flow.event_shape), tuple(flow.base_dist.event_shape)
+        ((1, 8, 8), (8, 2, 2))
+        >>> tuple(flow.log_prob(torch.randn(5, 1, 8, 8)).shape)
+        (5,)
+    """
+    from .surjections import ChannelSlice, MaxPool2d
+    from .transforms import ImageCoupling, Squeeze
+
+    _check_image_args(shape, levels, steps_per_level, factor_out, coupling_mask, conv,
+                      slice_fraction)
+    c, h, w = shape
+    layers = [Squeeze(c)]  # data to base; reversed at the end
+    c, h, w = 4 * c, h // 2, w // 2
+    for level in range(int(levels)):
+        if coupling_mask == "checkerboard" and h * w < 2:
+            raise ValueError(f"a checkerboard coupling needs at least 2 pixels, but scale "
+                             f"{level} of glow{tuple(shape)} is {h}x{w}; use "
+                             "coupling_mask='channel' or fewer levels")
+        for k in range(int(steps_per_level)):
+            layers += [ActNorm(c, event_dim=3), _image_conv(conv, c),
+                       ImageCoupling(c, coupling_mask, k % 2, hidden_channels, num_blocks,
+                                     clamp, context_dim)]
+        if level == levels - 1:
+            break
+        if factor_out == "slice":
+            c, h, w = 4 * c, h // 2, w // 2
+            keep = round(c * slice_fraction)
+            if not 0 < keep < c:
+                raise ValueError(f"slice_fraction={slice_fraction} keeps {keep} of {c} "
+                                 "channels; expected at least one kept and one dropped")
+            layers += [Squeeze(c // 4), ChannelSlice(c, keep, hidden_channels, num_blocks,
+                                                     clamp, context_dim)]
+            c = keep
+        else:
+            layers.append(MaxPool2d(c))
+            h, w = h // 2, w // 2
+    layers = layers[::-1]
+    layers[0].base_shape = (c, h, w)
+    return Flow(None, layers)
+
+
+glow.image = True  # takes a (C, H, W) shape, not a vector size (tests over FLOWS skip it)

@@ -35,7 +35,8 @@ def perturbed(name, dim):
 
 
 @pytest.mark.parametrize("dim", [1, 2])
-@pytest.mark.parametrize("name", sorted(FLOWS))
+@pytest.mark.parametrize("name", sorted(n for n, b in FLOWS.items()
+                                        if not getattr(b, "image", False)))
 def test_builder_log_prob_integrates_to_one(name, dim):
     flow = perturbed(name, dim)
     if not flow.is_exact:

@@ -9,11 +9,14 @@ from .conv import InvertibleConv1x1
 from .coupling import AffineCoupling, Coupling, SplineCoupling
 from .element_maps import Affine, ElementMap, RationalQuadratic
 from .elementwise import Exp
+from .emerging import EmergingConv
+from .image_coupling import ImageCoupling
 from .norm import ActNorm, InvertibleBatchNorm
 from .permute import Permute, Reverse
 from .preprocess import CholeskyAffine, Standardize
 from .residual import ResidualBlock
 from .spline import RationalQuadraticSpline
+from .squeeze import Squeeze
 
 ADBijector = AutogradBijection  # the tutorial's name
 
@@ -26,7 +29,9 @@ __all__ = [
     "CholeskyAffine",
     "Coupling",
     "ElementMap",
+    "EmergingConv",
     "Exp",
+    "ImageCoupling",
     "InvertibleBatchNorm",
     "InvertibleConv1x1",
     "MaskedAutoregressive",
@@ -36,5 +41,6 @@ __all__ = [
     "ResidualBlock",
     "Reverse",
     "SplineCoupling",
+    "Squeeze",
     "Standardize",
 ]

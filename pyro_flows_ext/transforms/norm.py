@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ..core import FlowLayer, batch_shape_of
+from ..distributed import moments
 
 
 def _channel_view(t, event_dim):
@@ -49,7 +50,11 @@ class ActNorm(_PerChannel):
     On the first call in the data-to-base direction while training, ``b`` and ``s`` are set
     to the batch mean and standard deviation, so the base side starts standardised. If the
     first call is generative (a guide), the layer starts at the identity. The flag is a
-    buffer, saved in the ``state_dict``.
+    buffer, saved in the ``state_dict``. Data-parallel: initialise it before training from
+    all ranks' statistics (``initialize_from_data(flow, shard, distributed=True)``, what
+    ``fit_density`` does), or let the first call run inside
+    :func:`~pyro_flows_ext.distributed.synchronized_statistics` on every rank; a lazy start
+    on each replica's own batch would give the replicas different parameters.
 
     Args:
         dim: channels ``C`` (the event size for vectors).
@@ -71,11 +76,13 @@ class ActNorm(_PerChannel):
 
     @torch.no_grad()
     def _initialize(self, x):
-        dims = _reduce_dims(x, self.event_dim)
-        if x.numel() // self.dim < 2:
+        # inside synchronized_statistics (fit_density's data-parallel start and steps) the
+        # statistics are all ranks' together: replicas never initialise from their own shard
+        n, mean, m2 = moments(x, _reduce_dims(x, self.event_dim))
+        if n < 2:
             return  # one point says nothing about the spread; stay at the identity
-        self.loc.copy_(x.mean(dims))
-        self.log_scale.copy_(x.std(dims).clamp_min(1e-6).log())
+        self.loc.copy_(mean)
+        self.log_scale.copy_((m2 / (n - 1)).sqrt().clamp_min(1e-6).log())
         self.initialized.fill_(True)
         self._ready = True
 

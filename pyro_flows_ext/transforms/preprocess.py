@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from ..core import FlowLayer, batch_shape_of
+from ..distributed import all_reduce_sum, moments, resolve, synchronized_statistics
 
 __all__ = ["CholeskyAffine", "Standardize", "initialize_from_data"]
 
@@ -97,12 +98,14 @@ class Standardize(_DataInitialized):
     @torch.no_grad()
     def set_from_data(self, x):
         """Sets ``loc``/``scale`` to the column means and standard deviations of ``x``
-        (``(*batch, D)``). A constant column keeps scale 1 (and only its mean is removed)."""
+        (``(*batch, D)``). A constant column keeps scale 1 (and only its mean is removed).
+        Inside :func:`~pyro_flows_ext.distributed.synchronized_statistics` the statistics are
+        those of every rank's rows together."""
         rows = self._rows(x, "Standardize.set_from_data")
-        if len(rows) < 1:
+        n, loc, m2 = moments(rows, [0])
+        if n < 1:
             raise ValueError("Standardize.set_from_data needs at least one row")
-        loc = rows.mean(0)
-        std = rows.std(0, unbiased=False) if len(rows) > 1 else torch.ones_like(loc)
+        std = (m2 / n).sqrt() if n > 1 else torch.ones_like(loc)
         tiny = 1e-12 * loc.abs().clamp_min(1.0)
         std = torch.where(std > tiny, std, torch.ones_like(std))
         return self.set(loc.to(self.loc), std.to(self.scale))
@@ -159,14 +162,14 @@ class CholeskyAffine(_DataInitialized):
         """Sets :math:`\\mu` and :math:`L` from the rows of ``x`` (``(*batch, D)``): the mean
         and the Cholesky factor of the maximum-likelihood covariance. With fewer than two rows
         the layer stays at the identity; with at most ``D`` rows (a singular covariance) it
-        uses the diagonal of the covariance only."""
+        uses the diagonal of the covariance only. Inside
+        :func:`~pyro_flows_ext.distributed.synchronized_statistics` the rows are every rank's
+        together (all-reduced sums and counts)."""
         rows = self._rows(x, "CholeskyAffine.initialize_from_data")
-        n = len(rows)
+        n, mean, m2 = moments(rows, [0], full=True)
         if n < 2:
             return self
-        mean = rows.mean(0)
-        centred = rows - mean
-        cov = centred.T @ centred / n
+        cov = m2 / n
         if n <= self.dim:
             cov = torch.diag(cov.diagonal())
         tril = _robust_cholesky(cov, self.jitter)
@@ -237,7 +240,7 @@ def _invert(t, x, chunk):
 
 
 @torch.no_grad()
-def initialize_from_data(flow, data, chunk=65_536, visit=None):
+def initialize_from_data(flow, data, chunk=65_536, visit=None, distributed=False):
     """Initialises every data-dependent layer of ``flow`` that is not initialised yet
     (:class:`Standardize`, :class:`CholeskyAffine`, ActNorm) from the whole of ``data``,
     walking from the data side: each layer is set from ``data`` pushed through the layers on
@@ -246,7 +249,13 @@ def initialize_from_data(flow, data, chunk=65_536, visit=None):
     ``visit(index, layer, x)``, when given, is called for every layer the walk reaches with
     that layer's data-side input, and may return ``True`` to keep walking past the last layer
     that needed initialisation (``fit_density`` uses it to measure spline bounds).
+
+    ``distributed=True`` (or ``None``: when a multi-process group is initialised) makes it a
+    collective: each rank passes its own shard of the rows, every statistic (means,
+    (co)variances) is reduced over all ranks, and every replica is set identically from the
+    global data. Every rank must then call it.
     """
+    distributed = resolve(distributed)
     transforms = list(flow.transforms)
     pending = [i for i, t in enumerate(transforms) if _is_data_dependent(t)]
     if not pending and visit is None:
@@ -255,23 +264,26 @@ def initialize_from_data(flow, data, chunk=65_536, visit=None):
     flow.eval()  # batch norms use (and do not update) running statistics during the walk
     done, x = [], data
     try:
-        for i in reversed(range(len(transforms))):
-            t = transforms[i]
-            if getattr(t, "context_dim", 0):
-                break  # a conditional layer needs its context: the walk cannot continue
-            wants_more = visit(i, t, x) if visit is not None else False
-            if _is_data_dependent(t):
-                _initialize(t, x)
-                done.append(type(t).__name__)
-            remaining = any(j < i for j in pending)
-            if not remaining and not wants_more:
-                break
-            x = _invert(t, x, chunk)
-            if not torch.isfinite(x).all():
-                warnings.warn(f"initialize_from_data: layer {i} ({type(t).__name__}) produced "
-                              "non-finite values; the layers below it were not initialised",
-                              stacklevel=4)
-                break
+        with synchronized_statistics(distributed):
+            for i in reversed(range(len(transforms))):
+                t = transforms[i]
+                if getattr(t, "context_dim", 0):
+                    break  # a conditional layer needs its context: the walk cannot continue
+                wants_more = visit(i, t, x) if visit is not None else False
+                if _is_data_dependent(t):
+                    _initialize(t, x)
+                    done.append(type(t).__name__)
+                remaining = any(j < i for j in pending)
+                if not remaining and not wants_more:
+                    break
+                x = _invert(t, x, chunk)
+                # every rank stops where any rank's rows became non-finite (a collective)
+                bad = torch.tensor(float(not torch.isfinite(x).all()))
+                if (all_reduce_sum(bad) if distributed else bad).item() > 0:
+                    warnings.warn(f"initialize_from_data: layer {i} ({type(t).__name__}) "
+                                  "produced non-finite values; the layers below it were not "
+                                  "initialised", stacklevel=4)
+                    break
     finally:
         flow.train(was_training)
         if hasattr(flow, "clear_cache"):
