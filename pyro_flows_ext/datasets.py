@@ -6,7 +6,7 @@ import os
 import numpy as np
 import torch
 
-__all__ = ["TOY", "toy", "load", "ENTROPY"]
+__all__ = ["TOY", "toy", "load", "ENTROPY", "IMAGES", "digits"]
 
 # Differential entropies (nats) where they are known in closed form or to good accuracy.
 ENTROPY = {"checkerboard": math.log(32.0),  # uniform on 8 squares of area 4
@@ -80,6 +80,51 @@ def toy(name, n=10_000, seed=0):
     if n < 1:
         raise ValueError(f"n must be a positive number of points, got {n}")
     return TOY[name](int(n), torch.Generator().manual_seed(seed)).float()
+
+
+#: Image data sets the CLI knows (``pyro-flows fit digits``): name -> (image size, levels).
+IMAGES = {"digits": (8, 17), "digits16": (16, 17)}
+DIGITS_TEST = 360  # images in the fixed test split (20% of scikit-learn's 1797)
+
+
+def digits(split="train", seed=0, size=8, labels=False):
+    """scikit-learn's handwritten digits (``load_digits``: 1797 images of 8x8 pixels with 17
+    grey levels, shipped with scikit-learn, no download) as integer images ``(N, 1, size,
+    size)`` with values ``0 .. 16``.
+
+    The split is fixed by ``seed``: a permutation from ``torch.Generator().manual_seed(seed)``
+    whose first 360 images are ``"test"`` and the other 1437 ``"train"`` (``"all"``: the
+    1797 in scikit-learn's order). ``size=16`` upsamples each image bilinearly by 2 and rounds
+    back to the 17 levels: a 16x16 set (three levels of a multi-scale flow) on the fly.
+
+    Args:
+        split: ``"train"``, ``"test"`` or ``"all"``.
+        seed: seed of the split.
+        size: 8 (the original) or 16.
+        labels: also return the digit classes ``(N,)``.
+    Returns: a long tensor ``(N, 1, size, size)``, or ``(images, labels)``.
+    """
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"unknown split {split!r}; expected 'train', 'test' or 'all'")
+    if size not in (8, 16):
+        raise ValueError(f"digits come in size 8 (the original) or 16 (upsampled), got {size}")
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as e:
+        raise ImportError("the digits data set needs scikit-learn (it ships the images): "
+                          "pip install scikit-learn") from e
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float64).unsqueeze(1)
+    classes = torch.as_tensor(bunch.target, dtype=torch.long)
+    if size == 16:
+        images = torch.nn.functional.interpolate(images, scale_factor=2, mode="bilinear",
+                                                 align_corners=False).round().clamp(0, 16)
+    images = images.long()
+    if split != "all":
+        perm = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+        idx = perm[:DIGITS_TEST] if split == "test" else perm[DIGITS_TEST:]
+        images, classes = images[idx], classes[idx]
+    return (images, classes) if labels else images
 
 
 def load(path, finite=False):

@@ -11,6 +11,7 @@ from .element_maps import Affine, ElementMap, RationalQuadratic
 from .elementwise import Exp
 from .emerging import EmergingConv
 from .image_coupling import ImageCoupling
+from .logit import Logit
 from .norm import ActNorm, InvertibleBatchNorm
 from .permute import Permute, Reverse
 from .preprocess import CholeskyAffine, Standardize
@@ -34,6 +35,7 @@ __all__ = [
     "ImageCoupling",
     "InvertibleBatchNorm",
     "InvertibleConv1x1",
+    "Logit",
     "MaskedAutoregressive",
     "Permute",
     "RationalQuadratic",
