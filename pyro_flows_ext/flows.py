@@ -386,7 +386,7 @@ def _check_image_args(shape, levels, steps_per_level, factor_out, coupling_mask,
 @register
 def glow(shape, levels=2, steps_per_level=4, hidden_channels=64, num_blocks=1,
          factor_out="slice", coupling_mask="channel", conv="lu", slice_fraction=0.5,
-         clamp=5.0, context_dim=0):
+         clamp=5.0, context_dim=0, dequantize=None, k=256, alpha=0.05):
     r"""Multi-scale Glow (Kingma & Dhariwal 2018) over continuous ``(C, H, W)`` images, with
     RealNVP's or SurVAE's factor-out. From data to base: a :class:`~.transforms.Squeeze`,
     then ``levels`` scales of ``steps_per_level`` steps (:class:`~.transforms.ActNorm`, an
@@ -424,6 +424,15 @@ def glow(shape, levels=2, steps_per_level=4, hidden_channels=64, num_blocks=1,
         clamp: soft bound on the coupling and slice log-scales.
         context_dim: size of a context vector (e.g. a one-hot class) seen by every coupling
             and slice: a conditional flow, ``flow.condition(c)``.
+        dequantize: ``None`` (a flow over continuous images), ``"uniform"`` or
+            ``"variational"``: a model of ``k``-level integer images, with a
+            :class:`~.transforms.Logit` (margin ``alpha``, scale ``k``) and a
+            :class:`~.surjections.UniformDequantization` or
+            :class:`~.surjections.VariationalDequantization` at the data end; ``log_prob``
+            is then a lower bound on the discrete log-probability (``is_exact`` False) and
+            :func:`~.infer.bits_per_dim` reports bits/dim.
+        k: number of levels of the data (256 for 8-bit images, 17 for digits).
+        alpha: the logit's margin.
     Shapes: ``flow.event_shape == shape``; ``sample((n,))``: ``(n, C, H, W)``;
     ``log_prob(x)`` for ``x`` of shape ``(*batch, C, H, W)``: ``batch``.
 
@@ -447,9 +456,9 @@ def glow(shape, levels=2, steps_per_level=4, hidden_channels=64, num_blocks=1,
             raise ValueError(f"a checkerboard coupling needs at least 2 pixels, but scale "
                              f"{level} of glow{tuple(shape)} is {h}x{w}; use "
                              "coupling_mask='channel' or fewer levels")
-        for k in range(int(steps_per_level)):
+        for step in range(int(steps_per_level)):
             layers += [ActNorm(c, event_dim=3), _image_conv(conv, c),
-                       ImageCoupling(c, coupling_mask, k % 2, hidden_channels, num_blocks,
+                       ImageCoupling(c, coupling_mask, step % 2, hidden_channels, num_blocks,
                                      clamp, context_dim)]
         if level == levels - 1:
             break
@@ -467,7 +476,22 @@ def glow(shape, levels=2, steps_per_level=4, hidden_channels=64, num_blocks=1,
             h, w = h // 2, w // 2
     layers = layers[::-1]
     layers[0].base_shape = (c, h, w)
-    return Flow(None, layers)
+    return Flow(None, layers + _dequantization(shape, dequantize, k, alpha))
+
+
+def _dequantization(shape, dequantize, k, alpha):
+    """The data-side layers of a model of ``k``-level images: a logit, then a dequantization."""
+    from .surjections import UniformDequantization, VariationalDequantization
+    from .transforms import Logit
+
+    if dequantize is None:
+        return []
+    kinds = {"uniform": lambda: UniformDequantization(k, event_dim=3),
+             "variational": lambda: VariationalDequantization(shape, k)}
+    if dequantize not in kinds:
+        raise ValueError(f"unknown dequantize {dequantize!r}; expected None, 'uniform' or "
+                         "'variational'")
+    return [Logit(shape[0], alpha, k, event_dim=3), kinds[dequantize]()]
 
 
 glow.image = True  # takes a (C, H, W) shape, not a vector size (tests over FLOWS skip it)
