@@ -531,7 +531,9 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
         raise ValueError(f"need at least {MIN_ROWS} training rows, got {len(train)}")
     if len(val) == 0:
         val = train
-    check_columns(train, "the training data")
+    transforms = getattr(flow, "transforms", None)
+    if not (transforms and getattr(transforms[-1], "discrete", False)):
+        check_columns(train, "the training data")  # a dequantizing flow models discrete data
     if checkpoint is not None and getattr(flow, "spec", None) is None:
         to_record(flow)  # raises the clear "not made by a builder" error now, not at step 100
     eval_every = eval_every or default_eval_every(num_steps)
