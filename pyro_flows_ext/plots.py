@@ -1,4 +1,4 @@
-"""Figures: 2-D density heat map, sample scatter, training curve.
+"""Figures: 2-D density heat map, sample scatter, training curve, image grid.
 
 Built on :class:`matplotlib.figure.Figure` with the Agg canvas, never pyplot or
 ``matplotlib.use``, so importing this module leaves a notebook's backend alone. Every
@@ -10,8 +10,8 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["data_bounds", "density_grid", "loss_limits", "plot_density", "plot_samples",
-           "plot_training"]
+__all__ = ["data_bounds", "density_grid", "image_grid", "loss_limits", "plot_density",
+           "plot_images", "plot_samples", "plot_training"]
 
 
 def _figure(width, height):
@@ -140,4 +140,51 @@ def plot_training(history, path=None, title="training", units="nats"):
                     label=f"{len(clipped)} step(s) above the axis")
     ax.set(xlabel="step", ylabel=f"NLL per event ({units})", title=title)
     ax.legend(loc="upper right", fontsize="small")
+    return _save(fig, path)
+
+
+def image_grid(images, ncol=10, pad=1, fill=None):
+    """``(N, C, H, W)`` images (C = 1 or 3) tiled into one ``(rows * (H + pad) - pad, ncol *
+    (W + pad) - pad[, 3])`` numpy array, row by row; gaps and missing tiles hold ``fill``
+    (default: the images' maximum, a light frame)."""
+    x = torch.as_tensor(images).detach().cpu().double()
+    if x.dim() != 4 or x.shape[1] not in (1, 3):
+        raise ValueError(f"image_grid expects images (N, C, H, W) with 1 or 3 channels, got "
+                         f"shape {tuple(x.shape)}")
+    n, c, h, w = x.shape
+    ncol = max(1, min(int(ncol), n))
+    rows = -(-n // ncol)
+    fill = float(x.max()) if fill is None and n else (fill or 0.0)
+    grid = torch.full((c, rows * (h + pad) - pad, ncol * (w + pad) - pad), fill,
+                      dtype=torch.float64)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[:, r * (h + pad): r * (h + pad) + h, q * (w + pad): q * (w + pad) + w] = x[i]
+    return grid[0].numpy() if c == 1 else grid.permute(1, 2, 0).numpy()
+
+
+def plot_images(images, path=None, ncol=10, title=None, vmax=None, row_labels=None):
+    """A grid of ``(N, C, H, W)`` images (grey levels for one channel, black = 0), ``ncol`` per
+    row, optionally with a label per row (e.g. the digit class of a conditional model's
+    samples). ``vmax``: the white level (default: the images' maximum, e.g. ``k - 1``)."""
+    x = torch.as_tensor(images).detach().cpu().double()
+    ncol = max(1, min(int(ncol), len(x)))
+    vmax = float(x.max()) if vmax is None else float(vmax)
+    grid = image_grid(x, ncol, fill=0.4 * vmax)  # grey gaps between black-background tiles
+    rows = -(-len(x) // ncol)
+    fig = _figure(max(3.0, 0.6 * ncol), max(2.0, 0.6 * rows + (0.4 if title else 0.0)))
+    ax = fig.add_subplot()
+    if grid.ndim == 3:
+        ax.imshow(np.clip(grid / max(vmax, 1e-12), 0, 1), interpolation="nearest")
+    else:
+        ax.imshow(grid, cmap="gray", vmin=0.0, vmax=vmax, interpolation="nearest")
+    ax.set_xticks([])
+    if row_labels is not None:
+        h = x.shape[-2]
+        ax.set_yticks([r * (h + 1) + (h - 1) / 2 for r in range(len(row_labels))])
+        ax.set_yticklabels([str(v) for v in row_labels])
+    else:
+        ax.set_yticks([])
+    if title:
+        ax.set_title(title)
     return _save(fig, path)
