@@ -17,6 +17,20 @@ import torch
 from tqdm.auto import tqdm
 
 from .._compile import compiled_nll
+from ..distributed import (
+    all_reduce_gradients,
+    all_reduce_sum,
+    broadcast_module,
+    broadcast_object,
+    gather_objects,
+    get_rank,
+    get_world_size,
+    is_main_process,
+    rank_seed,
+    resolve,
+    shard,
+    synchronized_statistics,
+)
 from ..io import FORMAT, atomic_save, read, to_record
 from ..transforms.preprocess import initialize_from_data
 
@@ -146,17 +160,24 @@ def fingerprint(data):
 
 
 @torch.no_grad()
-def mean_nll(flow, data, chunk=10_000):
-    """Mean negative log-likelihood of ``data`` in eval mode (nats per event)."""
+def mean_nll(flow, data, chunk=10_000, distributed=False):
+    """Mean negative log-likelihood of ``data`` in eval mode (nats per event).
+    ``distributed=True``: a collective; each rank scores its shard of ``data`` (every rank
+    holds all of it) and the sums and counts are all-reduced, so every rank gets the same
+    mean of all rows."""
     data = as_data(data, flow)
+    rows = shard(data) if distributed else data
     was_training = flow.training
     flow.eval()
     total = 0.0
     try:
-        for part in data.split(chunk):
+        for part in rows.split(chunk):
             total += -flow.log_prob(part).sum().item()
     finally:
         flow.train(was_training)
+    if distributed:
+        total, n = all_reduce_sum(torch.tensor([total, len(rows)], dtype=torch.float64))
+        return (total / n).item()
     return total / len(data)
 
 
@@ -289,10 +310,13 @@ def _set_rng_state(state, device):
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def save_checkpoint(path, flow, state):
+def save_checkpoint(path, flow, state, rng_ranks=None):
     """Writes the resumable record: the best parameters (what :func:`pyro_flows_ext.load`
-    returns), the current ones, optimizer and RNG state, history, data fingerprint."""
+    returns), the current ones, optimizer and RNG state, history, data fingerprint.
+    ``rng_ranks``: every rank's RNG state, by rank (a data-parallel run)."""
     record = to_record(flow)
+    if rng_ranks is not None:
+        record.update(rng_ranks=rng_ranks, world_size=len(rng_ranks))
     record.update(state_dict=state["best_state"], current_state=_snapshot(flow),
                   step=state["step"], history=state["history"], bad_evals=state["bad_evals"],
                   optimizer=state["optimizer"].state_dict(), rng=_rng_state(state["device"]),
@@ -345,11 +369,12 @@ def _spline_bound(t):
     return getattr(t, "bound", None)
 
 
-def prepare(flow, train, warn_fraction=0.01):
+def prepare(flow, train, warn_fraction=0.01, distributed=False):
     """Initialises the flow's data-dependent layers from ``train`` and warns
     (:class:`SplineBoundWarning`) when more than ``warn_fraction`` of the values that reach
     the data-side first spline lie outside its ``[-bound, bound]``. Returns the names of the
-    layers initialised."""
+    layers initialised. ``distributed=True``: a collective; ``train`` is this rank's shard
+    and the statistics are those of all ranks' rows."""
     found = {}
 
     def visit(i, t, x):
@@ -359,11 +384,16 @@ def prepare(flow, train, warn_fraction=0.01):
         if bound is None:
             return True  # keep walking until the first spline
         found.update(index=i, layer=t, bound=float(bound),
-                     outside=(x.abs() > bound).float().mean().item())
+                     outside=torch.tensor([(x.abs() > bound).sum().item(), x.numel()],
+                                          dtype=torch.float64))
         return False
 
     has_spline = any(_spline_bound(t) is not None for t in flow.transforms)
-    done = initialize_from_data(flow, train, visit=visit if has_spline else None)
+    done = initialize_from_data(flow, train, visit=visit if has_spline else None,
+                                distributed=distributed)
+    if found:  # the share of all ranks' values outside the bound
+        outside = all_reduce_sum(found["outside"]) if distributed else found["outside"]
+        found["outside"] = (outside[0] / outside[1].clamp_min(1)).item()
     if found and found["outside"] > warn_fraction:
         fixed = "after the layers on its data side (as initialised), " if found["index"] < len(
             flow.transforms) - 1 else ""
@@ -449,7 +479,7 @@ def _divergence_advice(data, flow):
 def fit_density(flow, data, num_steps=2000, batch_size=512, optim=None, val_fraction=0.1,
                 val_data=None, eval_every=None, patience="auto", checkpoint=None, resume=False,
                 progress=True, seed=0, clip_norm=None, weight_decay=0.0, num_threads=None,
-                initialize=True, compile=False):
+                initialize=True, compile=False, distributed=None):
     r"""Fits ``flow`` to ``data`` by minibatch maximum likelihood, :math:`\min -\frac1B
     \sum_b \log p(x_b)`, with a Pyro optimizer, never touching Pyro's global param store.
 
@@ -499,18 +529,43 @@ def fit_density(flow, data, num_steps=2000, batch_size=512, optim=None, val_frac
             ``torch.compile`` (``dynamic=False``; compiled on the first step, which then takes
             seconds to minutes). Same numbers as eager to float tolerance; if compilation
             fails a warning says why and training continues eagerly. Ignored, with a
-            warning, for flows with training penalties.
+            warning, for flows with training penalties. A dict is passed to
+            ``torch.compile`` as keyword arguments (e.g. ``{"backend": "aot_eager"}``).
+        distributed: data-parallel training on the initialised ``torch.distributed`` process
+            group (``None``: when one with more than one process exists, e.g. under
+            ``torchrun``; ``True`` requires one). See below.
     Returns:
         history dict: ``loss`` per step, ``val_step``/``val_nll`` (from step 0),
         ``best_step``, ``best_val_nll``, ``stopped`` (None or the reason), ``start_step``
         (where this call began: > 0 when resumed), ``n_train``, ``n_val``, ``initialized``.
+
+    Data-parallel (``distributed``): every rank calls ``fit_density`` with the same flow
+    builder, the same ``data`` and the same arguments. All ranks draw the same global
+    minibatch from ``seed`` and rank ``r`` scores its ``r``-th contiguous share; the loss is
+    :math:`\frac1B\sum_{b \in \text{shard}} -\log p(x_b)` and the gradients are summed
+    over ranks, so the step is one process's step on the same global batch (to float
+    rounding), also for unequal shards. Rank 0's parameters are broadcast at the start; the
+    data-dependent layers are set from statistics of all ranks' shards (all-reduced sums and
+    counts, also for a lazily initialised ActNorm at step 0); validation NLL is the
+    all-reduced sum over each rank's share of the validation rows, so best step and early
+    stopping agree on all ranks; only rank 0 writes the checkpoint (with every rank's RNG
+    state: ``resume`` on the same number of ranks continues each rank's noise; on another
+    number they are reseeded from ``seed`` and the step) and shows the progress bar; torch's
+    RNG is seeded per rank (:func:`~pyro_flows_ext.distributed.rank_seed`) for the noise of
+    dequantization, Hutchinson probes and MCMC layers. Gradients are reduced by hand
+    (:func:`~pyro_flows_ext.distributed.all_reduce_gradients`: one flat all-reduce per dtype
+    after ``backward``), not by ``DistributedDataParallel``: the loss is ``log_prob``, not
+    the module's ``forward()`` that DDP hooks, some layers' parameters get no gradient in a
+    step (DDP then needs ``find_unused_parameters``), and the rank weights of unequal shards
+    and the loss value ride in the same reduction. Batch statistics of
+    ``InvertibleBatchNorm`` stay per replica (as DDP without ``SyncBatchNorm``).
     """
     _check_settings(num_steps, batch_size, eval_every, val_fraction, patience, weight_decay,
                     clip_norm, num_threads)
     with torch_threads(num_threads):
         return _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data,
                     eval_every, patience, checkpoint, resume, progress, seed, clip_norm,
-                    weight_decay, initialize, compile)
+                    weight_decay, initialize, compile, distributed)
 
 
 def _decayed_params(flow):
@@ -521,7 +576,8 @@ def _decayed_params(flow):
 
 def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_every,
          patience, checkpoint, resume, progress, seed, clip_norm, weight_decay, initialize,
-         compile=False):
+         compile=False, distributed=None):
+    distributed = resolve(distributed)
     data = as_data(data, flow)
     if val_data is None:
         train, val = split_data(data, val_fraction, seed)
@@ -531,6 +587,10 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
         raise ValueError(f"need at least {MIN_ROWS} training rows, got {len(train)}")
     if len(val) == 0:
         val = train
+    if distributed and min(batch_size, len(train)) < get_world_size():
+        raise ValueError(f"batch_size ({min(batch_size, len(train))}) must be at least the "
+                         f"number of processes ({get_world_size()}): every rank scores a "
+                         "share of each minibatch")
     transforms = getattr(flow, "transforms", None)
     if not (transforms and getattr(transforms[-1], "discrete", False)):
         check_columns(train, "the training data")  # a dequantizing flow models discrete data
@@ -544,7 +604,8 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
     params = opt.params
     decayed = _decayed_params(flow) if weight_decay else []
     state = {"step": 0, "history": None, "best_state": None, "bad_evals": 0, "optimizer": opt,
-             "device": device, "fingerprint": fingerprint(train)}
+             "device": device, "fingerprint": fingerprint(train), "dist": distributed,
+             "seed": seed}
 
     _start_or_resume(flow, train, val, state, opt, checkpoint, resume, initialize, num_steps)
     flow.train()
@@ -559,20 +620,33 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
     if compile and regularized:
         warnings.warn("fit_density(compile=True) is ignored for flows with training penalties "
                       "(CNF, OT-Flow): they train eagerly", stacklevel=3)
-    nll = compiled_nll(flow, enabled=compile and not regularized)
+    nll = compiled_nll(flow, enabled=bool(compile) and not regularized,
+                       **(compile if isinstance(compile, dict) else {}))
     start = state["step"]
     batches = _batches(len(train), batch_size, seed, start)
-    bar = tqdm(range(start, num_steps), disable=not progress, desc="fit", dynamic_ncols=True)
+    bar = tqdm(range(start, num_steps), disable=not progress or not is_main_process(),
+               desc="fit", dynamic_ncols=True)
     for step in bar:
-        loss = nll(train[next(batches).to(device)])
-        loss_value = loss.item()  # the NLL; the regularisers below are not part of it
-        for t in regularized:
-            loss = loss + t.regularization()
-        if not math.isfinite(loss_value) or (regularized and not torch.isfinite(loss)):
-            stop_diverged(step, f"non-finite loss ({loss_value})")
-            break
-        opt.zero_grad()
-        loss.backward()
+        if distributed:  # a lazy ActNorm start inside sees all ranks' rows
+            with synchronized_statistics():
+                loss, loss_value, bad = _shard_loss(flow, train, next(batches), device, nll,
+                                                    regularized)
+                opt.zero_grad()
+                loss.backward()
+            loss_value, bad = all_reduce_gradients(params, 1.0, [loss_value, bad])
+            if not math.isfinite(loss_value) or bad:
+                stop_diverged(step, f"non-finite loss ({loss_value})")
+                break
+        else:
+            loss = nll(train[next(batches).to(device)])
+            loss_value = loss.item()  # the NLL; the regularisers below are not part of it
+            for t in regularized:
+                loss = loss + t.regularization()
+            if not math.isfinite(loss_value) or (regularized and not torch.isfinite(loss)):
+                stop_diverged(step, f"non-finite loss ({loss_value})")
+                break
+            opt.zero_grad()
+            loss.backward()
         if decayed:
             live = [p for p in decayed if p.grad is not None]
             torch._foreach_add_([p.grad for p in live], live, alpha=weight_decay)
@@ -588,12 +662,54 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
     return _finish(flow, state, bar)
 
 
+def _shard_loss(flow, train, idx, device, nll, regularized):
+    """This rank's part of a data-parallel step's loss on the global minibatch ``idx``:
+    :math:`\frac{n_r}{B}` times its shard's mean NLL (and its penalties), so the ranks' losses
+    sum to the global mean. Returns ``(loss, nll part, 1.0 if non-finite else 0.0)``."""
+    local = shard(idx)
+    share = len(local) / len(idx)
+    loss = nll(train[local.to(device)]) * share
+    value = loss.item()
+    for t in regularized:
+        loss = loss + share * t.regularization()
+    return loss, value, float(not torch.isfinite(loss))
+
+
+def _load_on_main(checkpoint, flow, fingerprint_):
+    """Rank 0 reads and checks the checkpoint and sends it (or its error) to every rank."""
+    record = error = None
+    if is_main_process():
+        try:
+            record = load_checkpoint(checkpoint, flow, fingerprint_)
+        except Exception as e:  # noqa: BLE001  (re-raised on every rank below)
+            error = e
+    record, error = broadcast_object((record, error))
+    if error is not None:
+        raise error
+    return record
+
+
+def _checkpoint(path, flow, state):
+    """Writes the checkpoint; data-parallel: only rank 0, with every rank's RNG state."""
+    if not state.get("dist"):
+        save_checkpoint(path, flow, state)
+        return
+    rngs = gather_objects(_rng_state(state["device"]))
+    if is_main_process():
+        save_checkpoint(path, flow, state, rng_ranks=rngs)
+
+
 def _start_or_resume(flow, train, val, state, opt, checkpoint, resume, initialize, num_steps):
     """Restores a checkpointed run (parameters, optimizer, RNG, history, patience) or starts
     one (data-dependent layers set from ``train``, validation at step 0). Returns the
     history."""
-    if resume and checkpoint is not None and os.path.exists(checkpoint):
-        record = load_checkpoint(checkpoint, flow, state["fingerprint"])
+    distributed = state.get("dist", False)
+    exists = resume and checkpoint is not None and os.path.exists(checkpoint)
+    if distributed:
+        exists = broadcast_object(exists)  # rank 0's file decides (no shared disk needed)
+    if exists:
+        record = (_load_on_main if distributed else load_checkpoint)(
+            checkpoint, flow, state["fingerprint"])
         flow.load_state_dict(record["current_state"])
         if record.get("optimizer") is not None:
             try:
@@ -601,19 +717,29 @@ def _start_or_resume(flow, train, val, state, opt, checkpoint, resume, initializ
             except (KeyError, TypeError):
                 warnings.warn(f"{checkpoint}: optimizer state of an older format; starting "
                               "the optimizer afresh", stacklevel=4)
-        if record.get("rng") is not None:
+        ranks = record.get("rng_ranks")
+        if distributed and ranks is not None and len(ranks) == get_world_size():
+            _set_rng_state(ranks[get_rank()], state["device"])
+        elif distributed:  # another number of ranks: fresh per-rank streams for this step
+            torch.manual_seed(rank_seed(state["seed"] * 1_000_003 + record["step"]))
+        elif record.get("rng") is not None:
             _set_rng_state(record["rng"], state["device"])
         state.update(step=record["step"], history=record["history"],
                      best_state=record["state_dict"], bad_evals=record.get("bad_evals", 0))
         state["history"].update(start_step=record["step"], loss=list(record["history"]["loss"]))
+    elif distributed:
+        broadcast_module(flow)  # rank 0's start, before any statistics pass through it
+        torch.manual_seed(rank_seed(state["seed"]))
+        done = prepare(flow, shard(train), distributed=True) if initialize else []
     else:
         done = prepare(flow, train) if initialize else []
+    if not exists:
         state["history"] = {"loss": [], "val_step": [], "val_nll": [], "best_step": 0,
                             "best_val_nll": math.inf, "stopped": None, "start_step": 0,
                             "n_train": len(train), "n_val": len(val), "initialized": done}
         state["best_state"] = _snapshot(flow)
         if math.isfinite(_validate(flow, val, state, opt, 0)) and checkpoint is not None:
-            save_checkpoint(checkpoint, flow, state)
+            _checkpoint(checkpoint, flow, state)
     history = state["history"]
     history["stopped"] = None if state["step"] < num_steps else history["stopped"]
     return history
@@ -642,7 +768,7 @@ def _end_of_step(flow, val, state, opt, step, loss_value, num_steps, eval_every,
     val_nll = _validate(flow, val, state, opt, step + 1)
     flow.train()
     if checkpoint is not None and math.isfinite(val_nll):
-        save_checkpoint(checkpoint, flow, state)
+        _checkpoint(checkpoint, flow, state)
     bar.set_postfix(loss=f"{loss_value:.3f}", val=f"{val_nll:.3f}")
     if patience is not None and state["bad_evals"] >= patience:
         history["stopped"] = f"early stopping at step {step + 1}"
@@ -665,7 +791,7 @@ def _validate(flow, val, state, opt, step):
     """Scores the validation rows (a non-finite score counts as +inf), updates the best state
     and the patience counter."""
     history = state["history"]
-    val_nll = mean_nll(flow, val)
+    val_nll = mean_nll(flow, val, distributed=state.get("dist", False))
     if not math.isfinite(val_nll):
         val_nll = math.inf
     history["val_step"].append(step)
