@@ -14,17 +14,18 @@ __all__ = ["EmergingConv"]
 def _masks(dim, k):
     """``(lower, upper)`` 0/1 kernels ``(C, C, k, k)`` of the strictly triangular parts.
 
-    In the raster order of pixels, with channels inside a pixel, output ``(c, i, j)`` of the
-    lower convolution sees inputs at earlier pixels and, at its own pixel, channels
-    ``c' < c``; the upper one sees later pixels and channels ``c' > c``. Each convolution's
-    Jacobian is then triangular in that order, with the kernel's centre diagonal on its
-    diagonal at every pixel (zero padding keeps this at the border)."""
+    The lower convolution's taps are the top-left ``(k+1)/2`` square of the ``k x k`` window
+    (every tap but the centre is at an earlier pixel in raster order); at the centre it sees
+    channels ``c' < c``. The upper one is the mirror image: the bottom-right square, channels
+    ``c' > c``. Each Jacobian is then triangular in raster order (channels inside a pixel),
+    with the kernel's centre diagonal on its diagonal at every pixel (zero padding keeps this
+    at the border), and the two squares add up to the full ``k x k`` window."""
     p = k // 2
-    offset = torch.arange(k * k).view(k, k) - (p * k + p)  # raster position relative to centre
-    before = (offset < 0).to(torch.get_default_dtype())
-    lower = before.expand(dim, dim, k, k).clone()
+    lower = torch.zeros(dim, dim, k, k)
+    lower[:, :, : p + 1, : p + 1] = 1.0
     lower[:, :, p, p] = torch.tril(torch.ones(dim, dim), -1)
-    upper = lower.flip(-1, -2).clone()
+    upper = torch.zeros(dim, dim, k, k)
+    upper[:, :, p:, p:] = 1.0
     upper[:, :, p, p] = torch.triu(torch.ones(dim, dim), 1)
     return lower, upper
 
@@ -32,9 +33,10 @@ def _masks(dim, k):
 class EmergingConv(FlowLayer):
     r"""An invertible ``k x k`` convolution of ``(C, H, W)`` images (emerging convolution):
     :math:`z = L * (U * x)` from data to base, with :math:`L` and :math:`U` masked
-    (autoregressive) convolutions whose Jacobians are lower and upper triangular in raster
-    order, so their composition has a full ``k x k`` receptive field that mixes every
-    channel. :math:`L` has a unit centre diagonal and :math:`U` the centre diagonal
+    (autoregressive) convolutions on opposite ``(k+1)/2``-square corners of the window, whose
+    Jacobians are lower and upper triangular in raster order, so their composition is a
+    ``k x k`` convolution (full receptive field) that mixes every channel. :math:`L` has a
+    unit centre diagonal and :math:`U` the centre diagonal
     :math:`\sigma e^{\log|s|}` (signs fixed), so
     :math:`\log|\det \partial z/\partial x| = H W \sum_c \log|s_c|` exactly.
 
