@@ -61,13 +61,16 @@ def cmd_fit(args):
 
     if args.batch_size is None:
         args.batch_size = 512
+    from .distributed import is_distributed, is_main_process, local_device
+
     torch.manual_seed(args.seed)
     torch.set_num_threads(args.threads)
-    device = _device(args.device)
+    device = local_device(_device(args.device))
     builder = flows.get_builder(args.flow)
     train, test, name = _load_data(args.data, args.n, args.seed)
     out = args.out or os.path.join("runs", name)
-    os.makedirs(out, exist_ok=True)
+    if is_main_process():  # data-parallel: rank 0 writes every file
+        os.makedirs(out, exist_ok=True)
     # file data: a Standardize layer inside the flow (set from the training rows by
     # fit_density), so the saved model is a density in the file's own units
     standardize = args.data not in datasets.TOY
@@ -77,10 +80,15 @@ def cmd_fit(args):
     start = _checkpoint_step(checkpoint) if args.resume else None
     fit = fit_density
     if getattr(args, "objective", "likelihood") == "flow-matching":
+        if is_distributed():
+            raise CLIError("--objective flow-matching trains in one process; drop --nproc / "
+                           "torchrun, or use --objective likelihood")
         from .infer.flow_matching import fit_flow_matching as fit
     history = fit(flow, train, num_steps=args.steps, batch_size=args.batch_size,
                   optim=pyro.optim.Adam({"lr": args.lr}), checkpoint=checkpoint,
                   resume=args.resume, progress=not args.quiet, seed=args.seed)
+    if not is_main_process():
+        return
     bound = "" if flow.is_exact else " (upper bound)"
     steps_done = len(history["loss"]) - history.get("start_step", 0)
     metrics = {"data": args.data, "flow": args.flow, "steps": len(history["loss"]),
@@ -442,7 +450,9 @@ def build_parser():
     fit.add_argument("--batch-size", type=int, default=None,
                      help="minibatch size (default 512; 64 for image data)")
     fit.add_argument("--lr", type=float, default=1e-3)
-    fit.add_argument("--n", type=int, default=20_000, help="toy training points")
+    fit.add_argument("--n", "--num-points", dest="n", type=int, default=20_000,
+                     help="toy training points (spell it --num-points after torchrun, whose "
+                          "own parser takes --n for an ambiguous abbreviation)")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--device", default="cpu")
     fit.add_argument("--out", default=None, help="output folder (default runs/<data>)")
@@ -452,6 +462,10 @@ def build_parser():
     fit.add_argument("--threads", type=int, default=1,
                      help="torch threads (1 is fastest for small flows on shared machines)")
     fit.add_argument("--quiet", action="store_true", help="no progress bar")
+    fit.add_argument("--nproc", type=int, default=1,
+                     help="train data-parallel in N local processes (torch.distributed, gloo "
+                          "on CPU); the same as torchrun --nproc-per-node N -m "
+                          "pyro_flows_ext.cli fit ...; each uses --threads threads")
     fit.add_argument("--objective", choices=("likelihood", "flow-matching"),
                      default="likelihood", help="maximum likelihood, or flow matching (a "
                      "CNF flow such as --flow ffjord: no ODE solve per step)")
@@ -502,7 +516,7 @@ def build_parser():
 def _check(args):
     for name in ("steps", "batch_size", "n", "num_samples", "diag_samples", "threads",
                  "max_tree_depth", "chains", "levels", "steps_per_level", "hidden_channels",
-                 "iw_samples"):
+                 "iw_samples", "nproc"):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, "
                            f"got {getattr(args, name)}")
@@ -534,12 +548,56 @@ def _restore_global_state(state):
     random.setstate(python_rng)
 
 
+def _start_distributed(args):
+    """Joins torchrun's process group (its environment variables) for ``fit``; ``True`` when
+    this call started it. ``--nproc`` must then be 1 or torchrun's world size."""
+    if args.command != "fit":
+        return False
+    from .distributed import get_world_size, init_from_env
+
+    started = init_from_env(args.device)
+    if args.nproc > 1 and get_world_size() > 1 and args.nproc != get_world_size():
+        raise CLIError(f"--nproc {args.nproc} under torchrun with {get_world_size()} "
+                       "processes: drop --nproc (torchrun sets the number of processes)")
+    return started
+
+
+def _rank_main(argv):
+    """One process of ``--nproc``: the command itself, with the group already joined."""
+    code = main(argv)
+    if code:
+        sys.exit(code)  # the launcher stops the other processes
+    return code
+
+
+def _launch_nproc(args, argv):
+    """Runs the command in ``--nproc`` local processes (spawned, gloo); their exit code."""
+    import torch.multiprocessing as mp
+
+    from .distributed import launch
+
+    try:
+        codes = launch(_rank_main, args.nproc, list(sys.argv[1:] if argv is None else argv),
+                       threads=args.threads, timeout=24 * 3600)
+    except mp.ProcessExitedException as e:  # a rank failed: it printed its error itself
+        return e.exit_code if e.exit_code and e.exit_code > 0 else 1
+    except mp.ProcessRaisedException as e:
+        print(f"pyro-flows: error: a training process failed: "
+              f"{_one_line(str(e).strip().splitlines()[-1])}", file=sys.stderr)
+        return 1
+    return max(codes)
+
+
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
     saved = _global_state()
+    started = False
     try:
         _check(args)
+        if getattr(args, "nproc", 1) > 1 and not _in_process_group() and not _torchrun_env():
+            return _launch_nproc(args, argv)
+        started = _start_distributed(args)
         args.run(args)
     except (CLIError, ValueError, FileNotFoundError, TypeError) as e:
         print(f"pyro-flows: error: {_one_line(e)}", file=sys.stderr)
@@ -549,7 +607,23 @@ def main(argv=None):
         return 130
     finally:
         _restore_global_state(saved)
+        if started:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
     return 0
+
+
+def _in_process_group():
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
+def _torchrun_env():
+    from .distributed import TORCHRUN_VARS
+
+    return all(v in os.environ for v in TORCHRUN_VARS)
 
 
 def _one_line(error):
