@@ -96,3 +96,18 @@ def test_plot_images_grid():
     assert len(fig.axes) == 1
     with pytest.raises(ValueError, match="1 or 3 channels"):
         plots.image_grid(torch.zeros(2, 2, 4, 4))
+
+
+def test_cli_fit_digits_conditional(tmp_path, capsys):
+    out = tmp_path / "cond"
+    code = main(["fit", "digits", "--flow", "glow", "--conditional", "--steps", "5",
+                 "--hidden-channels", "8", "--steps-per-level", "1", "--iw-samples", "2",
+                 "--quiet", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "given its class" in printed and (out / "samples.png").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["conditional"] and metrics["val_nll"] is None
+    flow = pfe.load(out / "model.pt")
+    three = torch.eye(10)[3]
+    assert flow.condition(three).sample((4,)).shape == (4, 1, 8, 8)
