@@ -131,6 +131,13 @@ class InvertibleBatchNorm(_PerChannel):
         self.register_buffer("running_var", torch.ones(dim))
         self._batch_stats = None
 
+    def _apply(self, fn, *args, **kwargs):
+        # the last batch's statistics (used by the generative direction) follow .to() too
+        super()._apply(fn, *args, **kwargs)
+        if self._batch_stats is not None:
+            self._batch_stats = tuple(fn(t) for t in self._batch_stats)
+        return self
+
     def _stats(self, x=None):
         if self.training and x is not None and x.numel() // self.dim > 1:
             dims = _reduce_dims(x, self.event_dim)

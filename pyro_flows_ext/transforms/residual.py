@@ -207,7 +207,8 @@ class ResidualBlock(FlowLayer):
         return self._roulette(parts, v)
 
     def _roulette(self, parts, v):
-        n_extra = int(torch.distributions.Geometric(probs=torch.tensor(self.geom_p)).sample())
+        probs = torch.tensor(self.geom_p, device=v.device)  # on the data's device and RNG
+        n_extra = int(torch.distributions.Geometric(probs=probs).sample())
         n = self.n_exact_terms + n_extra
         q = 1 - self.geom_p
 
