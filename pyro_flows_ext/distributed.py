@@ -403,16 +403,21 @@ def global_subsample(size, subsample_size, step, seed=0, name="data"):
 
 
 class _RecordSubsamples(poutine.messenger.Messenger):
-    """Records ``(size, len(subsample))`` of every subsampled plate the model enters."""
+    """Records ``(size, len(subsample))`` of every subsampled plate the model enters, and
+    the names of plates that draw their own subsample (``subsample_size=`` only)."""
 
     def __init__(self):
         super().__init__()
-        self.plates = {}
+        self.plates, self.self_drawn = {}, set()
 
     def _pyro_sample(self, msg):
         fn = msg["fn"]
-        if type(fn).__name__ == "_Subsample" and msg["value"] is not None:
+        if type(fn).__name__ != "_Subsample":
+            return
+        if msg["value"] is not None:
             self.plates[msg["name"]] = (int(fn.size), len(msg["value"]))
+        elif fn.subsample_size is not None and fn.subsample_size < fn.size:
+            self.self_drawn.add(msg["name"])
 
 
 class DistributedSVI(pyro.infer.SVI):
@@ -435,7 +440,10 @@ class DistributedSVI(pyro.infer.SVI):
     created lazily by the guide, not in one ``nn.Module`` called through ``forward()``.
 
     Several subsampled plates must split their subsamples in the same proportions (e.g.
-    subsample sizes divisible by the world size). Without a group it is plain SVI.
+    subsample sizes divisible by the world size). Clip gradients in the optimizer
+    (``pyro.optim.ClippedAdam``: it sees the reduced gradient), not with tensor hooks in the
+    backward pass (a guide's elementwise clip acts on each rank's part before the sum, so the
+    run is no longer one process's). Without a group it is plain SVI.
 
     Args: as :class:`pyro.infer.SVI`; ``seed`` seeds :meth:`subsample`.
     """
@@ -463,6 +471,12 @@ class DistributedSVI(pyro.infer.SVI):
         params = [p for _, p in named]
         weight = None
         if is_distributed():
+            if record.self_drawn:
+                names = ", ".join(sorted(record.self_drawn))
+                raise ValueError(f"DistributedSVI: plate(s) {names} draw their own subsample "
+                                 "(subsample_size=), the same one on every rank (the ranks "
+                                 "share the guide's RNG): pass each rank its share instead, "
+                                 "pyro.plate(name, N, subsample=svi.subsample(N, B))")
             new = [p for name, p in named if name not in self._broadcast]
             if new:  # lazily created parameters start from rank 0's values
                 with torch.no_grad():
