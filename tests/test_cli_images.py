@@ -111,3 +111,16 @@ def test_cli_fit_digits_conditional(tmp_path, capsys):
     flow = pfe.load(out / "model.pt")
     three = torch.eye(10)[3]
     assert flow.condition(three).sample((4,)).shape == (4, 1, 8, 8)
+
+
+def test_cli_fit_digits16_uses_three_levels(tmp_path, capsys):
+    out = tmp_path / "d16"
+    code = main(["fit", "digits16", "--flow", "glow", "--steps", "3", "--hidden-channels", "4",
+                 "--steps-per-level", "1", "--iw-samples", "2", "--dequantize", "variational",
+                 "--quiet", "--out", str(out)])
+    assert code == 0, capsys.readouterr()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["levels"] == 3 and metrics["dequantize"] == "variational"
+    flow = pfe.load(out / "model.pt")
+    assert flow.event_shape == (1, 16, 16) and flow.base_dist.event_shape == (16, 2, 2)
+    assert flow.sample((2,)).shape == (2, 1, 16, 16)
