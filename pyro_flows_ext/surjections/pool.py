@@ -10,7 +10,7 @@ from torch.distributions import constraints
 from ..core import Surjection
 from ..nn import MLP
 from ..transforms.element_maps import soft_clamp
-from ._densities import gumbel_argmax, softplus_inverse
+from ._densities import gumbel_argmax
 
 __all__ = ["MaxPool2d"]
 
@@ -41,7 +41,12 @@ class MaxPool2d(Surjection):
 
     Default: both conditionals are learned from the ``C`` maxima at the window's location
     (an MLP over channels, zero-initialised): a categorical over the 4 positions and, per
-    position, :math:`d = \mathrm{softplus}(u),\ u \sim N(\mu, \sigma^2)`. ``simple=True``
+    position, a normal :math:`N(a\sigma, \sigma^2)` truncated to :math:`d > 0`
+    (:math:`a \in [-5, 5]` soft-clamped; it starts as the half-normal). Its density is positive
+    at :math:`d = 0`, where the gaps between near-equal pixels (a flat background) pile up; a
+    softplus-normal, the earlier family, vanishes there: a 2-level glow on dequantized digits
+    stalled at 3.6 bits/dim with it and reached 2.3 with the truncated normal (400 steps,
+    against 2.4 with ``simple=True``). ``simple=True``
     (SurVAE's ``SimpleMaxPoolSurjection2d``): a uniform position, :math:`V \ni -\log 4`,
     and half-normal gaps with a learned scale per channel. Scoring is one pass; sampling too.
 
@@ -91,18 +96,16 @@ class MaxPool2d(Surjection):
             return log_pos, None, log_scale
         out = self.net(z.movedim(-3, -1))  # (..., h, w, C * 12)
         out = out.unflatten(-1, (self.dim, 4, 3)).movedim(-3, -5)  # (..., C, h, w, 4, 3)
-        logits, loc, raw = out.unbind(-1)
-        return logits.log_softmax(-1), loc, soft_clamp(raw, 5.0)
+        logits, a_raw, raw = out.unbind(-1)
+        return logits.log_softmax(-1), soft_clamp(a_raw, 5.0), soft_clamp(raw, 5.0)
 
-    def _log_gap(self, d, loc, log_scale):
+    def _log_gap(self, d, a, log_scale):
         if self.simple:  # half-normal
             return (math.log(2.0) - 0.5 * _LOG_2PI - log_scale
                     - 0.5 * (d * torch.exp(-log_scale)).square())
-        d = d.clamp_min(torch.finfo(d.dtype).tiny)  # ties: a finite, hugely negative density
-        u = softplus_inverse(d)
-        # density of d = softplus(u): N(u; loc, scale) / sigmoid(u), log sigmoid(u) = log(1-e^-d)
-        return (-0.5 * _LOG_2PI - log_scale - 0.5 * ((u - loc) * torch.exp(-log_scale)).square()
-                - torch.log(-torch.expm1(-d)))
+        # N(d; a sigma, sigma^2) / P(d > 0), P(d > 0) = Phi(a)
+        return (-0.5 * _LOG_2PI - log_scale - 0.5 * (d * torch.exp(-log_scale) - a).square()
+                - torch.special.log_ndtr(a))
 
     def _v(self, z, k, d, params):
         log_pos, loc, log_scale = params
@@ -115,11 +118,16 @@ class MaxPool2d(Surjection):
     # -- the two directions ------------------------------------------------------------------
     def call_and_ladj(self, z):
         params = self._conditionals(z)
-        log_pos, loc, log_scale = params
+        log_pos, a, log_scale = params
         k = gumbel_argmax(log_pos)
-        eps = torch.randn(z.shape + (4,), dtype=z.dtype, device=z.device)
-        scaled = eps * log_scale.exp()
-        d = scaled.abs() if self.simple else F.softplus(loc + scaled)
+        if self.simple:
+            d = (torch.randn(z.shape + (4,), dtype=z.dtype, device=z.device)
+                 * log_scale.exp()).abs()
+        else:  # inverse CDF: -eps ~ N(0, 1) truncated to (-inf, a)
+            tiny = torch.finfo(z.dtype).tiny
+            u = torch.rand(z.shape + (4,), dtype=z.dtype, device=z.device).clamp_min(tiny)
+            eps = -torch.special.ndtri(u * torch.special.ndtr(a))
+            d = ((a + eps) * log_scale.exp()).clamp_min(tiny)
         d = d.masked_fill(F.one_hot(k, 4).bool(), 0.0)
         x = _unwindows(z.unsqueeze(-1) - d)
         return x, -self._v(z, k, d, params)
