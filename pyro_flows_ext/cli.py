@@ -25,6 +25,12 @@ def _device(name):
     return device
 
 
+def _no_directory(path, what):
+    """A clear error when a path given as a file is a folder."""
+    if os.path.isdir(path):
+        raise CLIError(f"{what} {path!r} is a folder; expected a file")
+
+
 def _load_data(source, n, seed):
     """``(train, test, name)`` from a toy name or a data file (a 20% test split). A file's
     rows are checked for NaN/inf before anything else, so errors name the row in the file."""
@@ -35,10 +41,16 @@ def _load_data(source, n, seed):
     if source in datasets.TOY:
         return (datasets.toy(source, n, seed),
                 datasets.toy(source, max(n // 4, 1000), seed + 1), source)
+    _no_directory(source, "data file")
     if not os.path.exists(source):
         raise CLIError(f"{source!r} is neither a toy data set ({', '.join(datasets.TOY)}) "
                        "nor an existing .csv/.npy/.npz file")
-    data = datasets.load(source, finite=True)
+    try:
+        data = datasets.load(source, finite=True)
+    except (ValueError, OSError):
+        raise  # already clear (main prints them in one line)
+    except Exception as e:  # a corrupt file (e.g. zipfile.BadZipFile from a broken .npz)
+        raise CLIError(f"could not read {source!r}: {type(e).__name__}: {e}") from e
     if len(data) < 20:
         raise CLIError(f"{source!r} has {len(data)} rows; fitting needs at least 20 (a 20% test "
                        "split and 10 training rows)")
@@ -69,12 +81,19 @@ def cmd_fit(args):
     builder = flows.get_builder(args.flow)
     train, test, name = _load_data(args.data, args.n, args.seed)
     out = args.out or os.path.join("runs", name)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out!r} is a file; expected a folder (new or existing)")
     if is_main_process():  # data-parallel: rank 0 writes every file
         os.makedirs(out, exist_ok=True)
     # file data: a Standardize layer inside the flow (set from the training rows by
     # fit_density), so the saved model is a density in the file's own units
     standardize = args.data not in datasets.TOY
-    flow = builder(train.shape[1], standardize=standardize).to(device)
+    try:
+        flow = builder(train.shape[1], standardize=standardize).to(device)
+    except ValueError as e:  # e.g. a coupling flow on one column
+        hint = "; try --flow nsf or maf" if train.shape[1] == 1 else ""
+        raise CLIError(f"--flow {args.flow} cannot model {train.shape[1]}-column data: "
+                       f"{e}{hint}") from e
     train, test = as_data(train, flow), as_data(test, flow, "test")
     checkpoint = os.path.join(out, "model.pt")
     start = _checkpoint_step(checkpoint) if args.resume else None
@@ -273,6 +292,7 @@ def cmd_sample(args):
 
     from . import io
 
+    _no_directory(args.checkpoint, "model file")
     flow = io.load(args.checkpoint)  # in data units (old checkpoints are converted)
     flow.eval()
     torch.manual_seed(args.seed)
@@ -293,6 +313,7 @@ def _load_model(spec):
     path, _, name = spec.rpartition(":") if ":" in spec else (spec, "", "model")
     if not path or not name:
         raise CLIError(f"expected a model as path/to/file.py:function, got {spec!r}")
+    _no_directory(path, "model file")
     if not os.path.isfile(path):
         raise CLIError(f"model file {path!r} does not exist")
     module_name = "_pyro_flows_user_" + os.path.splitext(os.path.basename(path))[0]
@@ -573,8 +594,8 @@ def _check(args):
         if getattr(args, name, 1) is not None and getattr(args, name, 1) < 1:
             raise CLIError(f"--{name.replace('_', '-')} must be a positive integer, "
                            f"got {getattr(args, name)}")
-    if getattr(args, "lr", 1.0) <= 0:
-        raise CLIError(f"--lr must be positive, got {args.lr}")
+    if not 0 < getattr(args, "lr", 1.0) < math.inf:
+        raise CLIError(f"--lr must be positive and finite, got {args.lr}")
 
 
 def _global_state():
@@ -625,10 +646,14 @@ def _rank_main(argv):
 
 def _launch_nproc(args, argv):
     """Runs the command in ``--nproc`` local processes (spawned, gloo); their exit code."""
+    import logging
+
     import torch.multiprocessing as mp
 
     from .distributed import launch
 
+    # a failed rank stops the others; torch's "Terminating process ..." line is noise here
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     try:
         codes = launch(_rank_main, args.nproc, list(sys.argv[1:] if argv is None else argv),
                        threads=args.threads, timeout=24 * 3600)
@@ -652,7 +677,7 @@ def main(argv=None):
             return _launch_nproc(args, argv)
         started = _start_distributed(args)
         args.run(args)
-    except (CLIError, ValueError, FileNotFoundError, TypeError) as e:
+    except (CLIError, ValueError, OSError, TypeError) as e:  # OSError: the user's paths
         print(f"pyro-flows: error: {_one_line(e)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
