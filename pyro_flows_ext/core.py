@@ -15,6 +15,8 @@ Subclasses implement
 so that ``log p(x) = log p(z) + v`` and ``log_abs_det_jacobian(z, x) = -v`` for that pair.
 """
 
+import operator
+
 import torch
 from pyro.distributions.conditional import ConditionalTransform
 from pyro.distributions.torch_transform import TransformModule
@@ -50,6 +52,16 @@ class _Pair:
             layer._params = params
             return False
         return all(p._version == v for p, v in zip(params, self.versions))
+
+
+def _check_dim(name, dim):
+    """A clear error for an event size (or channel count) that is not a positive integer."""
+    try:
+        ok = not isinstance(dim, bool) and operator.index(dim) >= 1
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{name} needs a positive integer dim (the event size), got {dim!r}")
 
 
 class FlowLayer(TransformModule, ConditionalTransform):
@@ -99,6 +111,11 @@ class FlowLayer(TransformModule, ConditionalTransform):
         super().__init__(cache_size=1)
         self._pair = None
         self._params = None
+
+    def __setattr__(self, name, value):
+        if name == "dim" and value is not None:  # every layer's event size, checked once
+            _check_dim(type(self).__name__, value)
+        super().__setattr__(name, value)
 
     def condition(self, context):
         """A view of this layer with ``context`` fixed (``self`` when unconditional)."""

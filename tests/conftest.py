@@ -14,3 +14,29 @@ def seeded():
         torch.manual_seed(0)
         pyro.clear_param_store()
         yield
+
+
+# -- hypothesis profiles (tests/test_properties.py) ------------------------------------------
+# "default": a few examples per property, derandomized, so the default suite stays fast and
+# reproducible; "long": many random examples, loaded for -m slow or with
+# PFE_HYPOTHESIS_PROFILE=long.
+try:
+    import os
+
+    from hypothesis import HealthCheck, settings
+
+    _relaxed = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture,
+                HealthCheck.filter_too_much, HealthCheck.data_too_large]
+    settings.register_profile("default", max_examples=20, deadline=None, derandomize=True,
+                              suppress_health_check=_relaxed, print_blob=True)
+    settings.register_profile("long", max_examples=300, deadline=None,
+                              suppress_health_check=_relaxed, print_blob=True)
+    settings.load_profile(os.environ.get("PFE_HYPOTHESIS_PROFILE", "default"))
+except ImportError:  # hypothesis (the "test" extra) missing: test_properties skips
+    settings = None
+
+
+def pytest_configure(config):
+    markexpr = config.getoption("markexpr", "") or ""
+    if settings is not None and "slow" in markexpr and "not slow" not in markexpr:
+        settings.load_profile(os.environ.get("PFE_HYPOTHESIS_PROFILE", "long"))

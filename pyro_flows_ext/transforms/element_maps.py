@@ -73,6 +73,9 @@ class Affine(ElementMap):
 
     def __init__(self, clamp=5.0):
         super().__init__()
+        if not 0 < float(clamp) < float("inf"):
+            raise ValueError(f"clamp (the bound on the log-scale) must be positive and finite, "
+                             f"got {clamp!r}")
         self.clamp = float(clamp)
 
     def forward(self, u, theta):
@@ -115,6 +118,11 @@ class RationalQuadratic(ElementMap):
 
     def __init__(self, bins=8, bound=3.0):
         super().__init__()
+        if isinstance(bins, bool) or int(bins) != bins or bins < 1:
+            raise ValueError(f"the spline needs a positive integer number of bins, got {bins!r}")
+        if not 0 < float(bound) < float("inf"):
+            raise ValueError(f"the spline bound (half-width of [-bound, bound]) must be positive "
+                             f"and finite, got {bound!r}")
         self.bins, self.bound = int(bins), float(bound)
         self.num_params = _rqs_num_params(self.bins)
         m, c = table_map(self.bins, self.bound)

@@ -124,6 +124,9 @@ class InvertibleBatchNorm(_PerChannel):
 
     def __init__(self, dim, momentum=0.1, eps=1e-5, event_dim=1):
         super().__init__()
+        if not (0 <= momentum <= 1 and eps > 0):
+            raise ValueError(f"InvertibleBatchNorm needs 0 <= momentum <= 1 and eps > 0, got "
+                             f"momentum={momentum!r}, eps={eps!r}")
         self.dim, self.momentum, self.eps, self.event_dim = dim, momentum, eps, event_dim
         self.log_gamma = nn.Parameter(torch.zeros(dim))
         self.beta = nn.Parameter(torch.zeros(dim))
