@@ -19,7 +19,7 @@ machine is shared: 2 processes can only beat 1 when a second core is actually fr
 Measured here (2 cores shared with other jobs, load average 6-9 throughout, so every number
 is noisy; the per-round ratios show the spread):
 
-| flow | global batch | 1 process (rows/s) | 2 processes (rows/s) | ratio 2/1 (rounds) | all-reduce (ms) |
+| flow | batch | 1 proc (rows/s) | 2 procs (rows/s) | 2/1 (rounds) | all-reduce (ms) |
 |---|---|---|---|---|---|
 | realnvp | 1024 | 34,769 | 23,090 | 0.78 (0.56, 0.78, 1.49, 0.79, 0.52) | 10.9 |
 | nsf | 1024 | 25,346 | 18,918 | 0.75 (0.76, 0.75, 0.83, 0.40, 0.68) | 3.8 |
