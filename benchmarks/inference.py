@@ -91,23 +91,31 @@ class ZukoGuide(AutoContinuous):
         return RealVector(self.zflow())
 
 
-def guide_factories():
-    # the builders meant for guides, named so the rows stay the same as builders are added:
-    # maf samples with D passes per layer (iaf is its guide form), residual and continuous
-    # flows solve a fixed point or an ODE per sample, surjective flows are not bijections
-    out = {f"flow:{name}": (lambda m, n=name: AutoFlowGuide(m, flow=n))
-           for name in ("iaf", "nsf", "realnvp") if name in pfe.flows.FLOWS}
-    out["flow:() site couplings only"] = lambda m: AutoFlowGuide(m, flow=())
-    out["flow:() + STL"] = lambda m: AutoFlowGuide(m, flow=(), stl=True)
-    out["flow:realnvp + STL"] = lambda m: AutoFlowGuide(m, flow="realnvp", stl=True)
-    # ablation: the default guide without the site-order couplings
-    out["flow:nsf (no site couplings)"] = lambda m: AutoFlowGuide(m, flow="nsf", structured=False)
+def guide_factories(every=False):
+    """The default guide, the previous default and Pyro's four autoguides; ``every`` adds the
+    other builders and recipes (ablations)."""
+    out = {"flow:default": lambda m: AutoFlowGuide(m),
+           # the default before issue 10: nsf + site couplings + diagonal LocScale, no STL
+           "flow:nsf, diagonal, no STL (old default)": lambda m: AutoFlowGuide(
+               m, flow="nsf", full_rank=False, stl=False)}
+    if every:
+        # the builders meant for guides, named so the rows stay the same as builders are
+        # added: maf samples with D passes per layer (iaf is its guide form), residual and
+        # continuous flows solve a fixed point or an ODE per sample, surjective flows are not
+        # bijections
+        out.update({f"flow:{name}": (lambda m, n=name: AutoFlowGuide(m, flow=n))
+                    for name in ("iaf", "nsf", "realnvp") if name in pfe.flows.FLOWS})
+        out["flow:() diagonal, STL"] = lambda m: AutoFlowGuide(m, full_rank=False)
+        out["flow:() no STL"] = lambda m: AutoFlowGuide(m, stl=False)
+        out["flow:() STL, no clip"] = lambda m: AutoFlowGuide(m, clip=False)
+        out["flow:realnvp + STL"] = lambda m: AutoFlowGuide(m, flow="realnvp", stl=True)
+        out["AutoNF(spline_coupling)"] = lambda m: ag.AutoNormalizingFlow(
+            m, lambda d: pyro.distributions.transforms.spline_coupling(d, count_bins=8))
     out.update({
         "AutoNormal": lambda m: ag.AutoNormal(m),
         "AutoMVN": lambda m: ag.AutoMultivariateNormal(m),
+        "AutoLowRankMVN": lambda m: ag.AutoLowRankMultivariateNormal(m),
         "AutoIAFNormal": lambda m: ag.AutoIAFNormal(m, num_transforms=2),
-        "AutoNF(spline_coupling)": lambda m: ag.AutoNormalizingFlow(
-            m, lambda d: pyro.distributions.transforms.spline_coupling(d, count_bins=8)),
     })
     if os.environ.get("PFE_BENCH_ZUKO"):  # opt-in: see the module docstring
         out["zuko:NSF"] = ZukoGuide
@@ -118,13 +126,13 @@ OPTIMIZERS = {"adam": lambda: pyro.optim.Adam({"lr": 1e-2}),
               "clipped": lambda: pyro.optim.ClippedAdam({"lr": 1e-2, "clip_norm": 1.0})}
 
 
-def run_svi(model_items, factories, steps, rounds, diag_samples, log, optim="adam"):
+def run_svi(model_items, factories, steps, rounds, diag_samples, log, optim="adam", seed=0):
     rows = []
     for mname, (model, key, exact) in model_items.items():
         runs = {}
         pyro.clear_param_store()
         for gname, make in factories.items():
-            pyro.set_rng_seed(0)
+            pyro.set_rng_seed(seed)
             guide = make(model)
             # distinct param-store names: guides of one class would share parameters
             guide._pyro_name = "".join(c if c.isalnum() else "_" for c in gname)
@@ -150,17 +158,21 @@ def run_svi(model_items, factories, steps, rounds, diag_samples, log, optim="ada
                     continue
                 run["times"].append((time.perf_counter() - t0) / per_round * 1000)
         for gname, run in runs.items():
-            row = {"model": mname, "guide": gname, "optim": optim}
+            row = {"model": mname, "guide": gname, "optim": optim, "seed": seed}
             if run["nan"] is not None:
                 row["status"] = run["nan"]
                 rows.append(row)
                 log(row)
                 continue
             tail = run["losses"][-max(1, len(run["losses"]) // 10):]
-            row["elbo"] = -float(np.mean(tail))
+            row["train_elbo"] = -float(np.mean(tail))
             try:
-                est = diagnostics.log_evidence(model, run["guide"], num_samples=diag_samples)
-                row.update(iw=est["log_evidence"], khat=est["khat"])
+                with torch.random.fork_rng():  # the same fresh draws' seed for every guide
+                    torch.manual_seed(10_000 + seed)
+                    est = diagnostics.log_evidence(model, run["guide"], num_samples=diag_samples)
+                # the ELBO of many fresh draws, the same estimator for every guide
+                row.update(elbo=est["elbo"], elbo_se=est["elbo_se"], iw=est["log_evidence"],
+                           khat=est["khat"])
             except Exception as e:  # noqa: BLE001
                 row["status"] = f"diagnostics failed: {str(e)[:40]}"
             row["ms"] = float(np.median(run["times"]))
@@ -212,8 +224,33 @@ def train(model, guide, steps, optim):
     return time.perf_counter() - start
 
 
-def fmt(x, spec=".3f"):
-    return "-" if x is None else format(x, spec) if isinstance(x, float) else str(x)
+def svi_table(rows):
+    """Markdown: per model and guide, the median over seeds with the seeds' range."""
+    groups = {}
+    for r in rows:
+        groups.setdefault((r["model"], r["guide"], r["optim"]), []).append(r)
+
+    def cell(runs, key, spec=".2f"):
+        vals = [r[key] for r in runs if key in r]
+        if not vals:
+            return "-"
+        med = float(np.median(vals))
+        if len(vals) == 1:
+            return format(med, spec)
+        return f"{med:{spec}} ({min(vals):{spec}} to {max(vals):{spec}})"
+
+    out = ["| model | guide | optim | seeds | ELBO (1000 draws) | IW log evidence | k-hat | "
+           "ms/step | W1 key marginal (exact-vs-exact) | failures |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for (model, guide, optim), runs in sorted(groups.items(), key=lambda kv: kv[0][0]):
+        bad = [r["status"] for r in runs if "status" in r]
+        w1 = "-"
+        if any("w1" in r for r in runs):
+            w1 = f"{cell(runs, 'w1', '.3f')} ({cell(runs[:1], 'w1_exact', '.3f')})"
+        out.append(f"| {model} | {guide} | {optim} | {len(runs)} | {cell(runs, 'elbo')} | "
+                   f"{cell(runs, 'iw')} | {cell(runs, 'khat')} | {cell(runs, 'ms', '.1f')} | "
+                   f"{w1} | {'; '.join(bad) or '-'} |")
+    return "\n".join(out)
 
 
 def main(argv=None):
@@ -221,22 +258,35 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--rounds", type=int, default=None)
+    p.add_argument("--seeds", default="0", help="comma-separated seeds (median and range)")
     p.add_argument("--num-samples", type=int, default=None)
     p.add_argument("--warmup", type=int, default=None)
     p.add_argument("--chains", type=int, default=2)
     p.add_argument("--depth", type=int, default=None, help="NUTS max tree depth")
     p.add_argument("--only", default=None, help="comma-separated model names")
+    p.add_argument("--guides", default=None, help="comma-separated guide names")
+    p.add_argument("--every", action="store_true", help="also the ablation guides")
     p.add_argument("--skip-mcmc", action="store_true")
     p.add_argument("--skip-svi", action="store_true")
+    p.add_argument("--json", default=None, help="also write the SVI rows to this file")
+    p.add_argument("--aggregate", nargs="+", default=None,
+                   help="print the SVI table of rows written by earlier --json runs")
     p.add_argument("--optim", default="adam,clipped",
                    help="SVI optimizers, comma-separated: adam (Adam 1e-2) and/or clipped "
                         "(ClippedAdam 1e-2, clip_norm 1)")
     a = p.parse_args(argv)
+    if a.aggregate:
+        import json
+
+        rows = [r for path in a.aggregate for r in json.load(open(path))]
+        print(svi_table(rows))
+        return
     steps = a.steps or (500 if a.quick else 2000)
     rounds = a.rounds or (4 if a.quick else 10)
     num_samples = a.num_samples or (200 if a.quick else 500)
     warmup = a.warmup or (200 if a.quick else 500)
     depth = a.depth or (8 if a.quick else 10)
+    seeds = [int(x) for x in a.seeds.split(",")]
     torch.set_num_threads(1)
     pyro.enable_validation(False)
     items = models()
@@ -246,63 +296,58 @@ def main(argv=None):
     if not set(optims) <= set(OPTIMIZERS):
         p.error(f"--optim must name {sorted(OPTIMIZERS)}")
     print(f"# settings: {steps} SVI steps ({', '.join(optims)}, lr 1e-2, 1 particle), "
-          f"{rounds} interleaved rounds, "
-          f"1000 draws for IW/k-hat; NUTS {chains_str(a.chains, warmup, num_samples, depth)}; "
-          f"torch threads 1")
+          f"{rounds} interleaved rounds, seeds {seeds}, "
+          f"1000 fresh draws for ELBO/IW/k-hat; NUTS "
+          f"{chains_str(a.chains, warmup, num_samples, depth)}; torch threads 1")
 
     def log(row):
         print("  ", {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()},
               file=sys.stderr, flush=True)
 
-    factories = {} if a.skip_svi else guide_factories()
+    factories = {} if a.skip_svi else guide_factories(a.every)
+    if a.guides:
+        factories = {k: v for k, v in factories.items() if k in a.guides.split(",")}
     all_rows = []
-    for optim in optims:
-        for _, _, rows in run_svi(items if factories else {}, factories, steps, rounds, 1000,
-                                  log, optim):
-            all_rows += rows
-    print("\n## SVI\n")
-    print("| model | guide | optim | ELBO | IW log evidence | k-hat | ms/step | W1 key marginal "
-          "(exact-vs-exact) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in sorted(all_rows, key=lambda r: r["model"]):
-        if "status" in r and "elbo" not in r:
-            print(f"| {r['model']} | {r['guide']} | {r['optim']} | {r['status']} | | | | |")
-            continue
-        w1 = f"{r['w1']:.3f} ({r['w1_exact']:.3f})" if "w1" in r else "-"
-        print(f"| {r['model']} | {r['guide']} | {r['optim']} | {fmt(r['elbo'])} | "
-              f"{fmt(r.get('iw'))} | "
-              f"{fmt(r.get('khat'), '.2f')} | {fmt(r['ms'], '.1f')} | {w1} |")
+    for seed in seeds:
+        for optim in optims:
+            for _, _, rows in run_svi(items if factories else {}, factories, steps, rounds,
+                                      1000, log, optim, seed):
+                all_rows += rows
+    if a.json:
+        import json
+
+        with open(a.json, "w") as f:
+            json.dump(all_rows, f)
+    if all_rows:
+        print("\n## SVI\n")
+        print(svi_table(all_rows))
     if a.skip_mcmc:
         return
     print("\n## NUTS vs NeuTra\n")
-    print("| model | method | divergences | min bulk ESS | ESS/s (sampling) | "
+    print("| model | method | seed | divergences | min bulk ESS | ESS/s (sampling) | "
           "ESS/s (incl. guide training) | max R-hat | seconds |")
-    print("|---|---|---|---|---|---|---|---|")
-    flow_name = "flow:" + pfe.infer.guide.default_flow()
-    for mname in ("funnel10", "8schools-c"):
-        if mname not in items:
-            continue
+    print("|---|---|---|---|---|---|---|---|---|")
+    for mname in items:
         model = items[mname][0]
-        results = {}
-        pyro.set_rng_seed(0)
-        idata, sec, div = plain_nuts(model, num_samples, warmup, a.chains, depth)
-        results["NUTS"] = mcmc_stats(idata, sec, 0.0, div)
-        for label, make, optim in (
-                (f"NeuTra({flow_name}), Adam", lambda m: AutoFlowGuide(m), "adam"),
-                ("NeuTra(flow:() + STL), ClippedAdam",
-                 lambda m: AutoFlowGuide(m, flow=(), stl=True), "clipped"),
-                ("NeuTra(AutoIAFNormal), Adam",
-                 lambda m: ag.AutoIAFNormal(m, num_transforms=2), "adam")):
-            pyro.set_rng_seed(0)
-            pyro.clear_param_store()
-            guide = make(model)
-            train_s = train(model, guide, steps, optim)
-            res = neutra_mcmc(model, guide, num_samples=num_samples, warmup_steps=warmup,
-                              num_chains=a.chains, seed=0, max_tree_depth=depth)
-            results[label] = mcmc_stats(res.idata, res.seconds, train_s, res.divergences)
-        for label, s in results.items():
-            print(f"| {mname} | {label} | {s['div']} | {s['ess']:.0f} | {s['ess_s']:.2f} | "
-                  f"{s['ess_s_total']:.2f} | {s['rhat']:.3f} | {s['seconds']:.0f} |", flush=True)
+        for seed in seeds:
+            results = {}
+            pyro.set_rng_seed(seed)
+            idata, sec, div = plain_nuts(model, num_samples, warmup, a.chains, depth)
+            results["NUTS"] = mcmc_stats(idata, sec, 0.0, div)
+            for label, make in (("NeuTra(default AutoFlowGuide)", lambda m: AutoFlowGuide(m)),
+                                ("NeuTra(AutoIAFNormal)",
+                                 lambda m: ag.AutoIAFNormal(m, num_transforms=2))):
+                pyro.set_rng_seed(seed)
+                pyro.clear_param_store()
+                guide = make(model)
+                train_s = train(model, guide, steps, "adam")
+                res = neutra_mcmc(model, guide, num_samples=num_samples, warmup_steps=warmup,
+                                  num_chains=a.chains, seed=seed, max_tree_depth=depth)
+                results[label] = mcmc_stats(res.idata, res.seconds, train_s, res.divergences)
+            for label, st in results.items():
+                print(f"| {mname} | {label} | {seed} | {st['div']} | {st['ess']:.0f} | "
+                      f"{st['ess_s']:.2f} | {st['ess_s_total']:.2f} | {st['rhat']:.3f} | "
+                      f"{st['seconds']:.0f} |", flush=True)
 
 
 def chains_str(chains, warmup, num_samples, depth):

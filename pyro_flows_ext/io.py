@@ -62,7 +62,8 @@ def _guide_record(guide, store_model_args=True):
     record = {"format": FORMAT, "guide": "AutoFlowGuide",
               "guide_args": {"flow": flow, "flow_kwargs": kwargs,
                              "init_scale": float(guide._init_scale),
-                             "structured": guide._structured, "stl": guide.stl},
+                             "structured": guide._structured, "stl": guide.stl,
+                             "full_rank": guide._full_rank, "clip": guide._clip},
               "latent_shapes": {k: list(v) for k, v in guide._unconstrained_shapes.items()},
               "state_dict": guide.state_dict()}
     args, kwargs = getattr(guide, "_model_args", ((), {}))
@@ -94,12 +95,13 @@ def _guide_from_record(record, path, model, model_args, model_kwargs, flow):
     """Rebuilds an AutoFlowGuide from :func:`_guide_record`'s output for ``model``."""
     from pyro import poutine
 
-    from .infer.guide import AutoFlowGuide
+    from .infer.guide import GUIDE_LEGACY_ARGS, AutoFlowGuide
 
     if model is None:
         raise ValueError(f"{path} holds an AutoFlowGuide: pass the model it was trained for, "
                          "pfe.load(path, model=model)")
-    saved = record["guide_args"]
+    # arguments a file written before they existed does not hold: the values of that time
+    saved = {**GUIDE_LEGACY_ARGS, **record["guide_args"]}
     if flow is None and saved["flow"] is None:
         raise ValueError(f"{path} holds an AutoFlowGuide whose flow was a user callable or "
                          "list of transforms, which a file cannot rebuild: pass the same "
@@ -112,7 +114,8 @@ def _guide_from_record(record, path, model, model_args, model_kwargs, flow):
     args = tuple(record.get("model_args", ())) if model_args is None else tuple(model_args)
     kw = dict(record.get("model_kwargs", {})) if model_kwargs is None else dict(model_kwargs)
     guide = AutoFlowGuide(model, flow=flow, init_scale=saved["init_scale"],
-                          structured=saved["structured"], stl=saved["stl"], **kwargs)
+                          structured=saved["structured"], stl=saved["stl"],
+                          full_rank=saved["full_rank"], clip=saved["clip"], **kwargs)
     try:
         # the prototype trace draws from the prior: keep the caller's RNG as it was
         with torch.random.fork_rng(), poutine.block():
@@ -190,7 +193,9 @@ def save(flow, path, store_model_args=True, **extra):
     entries (tensors, numbers, strings) are stored alongside.
 
     A trained :class:`~pyro_flows_ext.infer.AutoFlowGuide` is saved too: its constructor
-    arguments (builder name and keyword arguments, ``init_scale``, ``structured``, ``stl``;
+    arguments (builder name and keyword arguments, ``init_scale``, ``structured``, ``stl``,
+    ``full_rank``, ``clip``; a file without the last two rebuilds them as they were before
+    they existed, ``GUIDE_LEGACY_ARGS``;
     a user callable or list of transforms as flow is not stored and must be passed again to
     :func:`load`), the unconstrained shapes of its latent sites (checked on load), the model
     arguments it was traced with when they are tensors, numbers, strings or containers of

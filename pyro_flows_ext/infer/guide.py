@@ -41,27 +41,45 @@ SITE_COUPLING = {"hidden_dims": (16, 16), "clamp": 5.0}
 MAX_SITE_COUPLINGS = 8
 
 
+#: Constructor arguments added after guides could be saved, with the value a file written
+#: before them was built with (``pfe.load`` fills them in, so an old file rebuilds the same
+#: guide).
+GUIDE_LEGACY_ARGS = {"full_rank": False, "clip": False}
+
+#: The elementwise gradient bound of a sticking-the-landing guide (``clip=None``): as
+#: ``pyro.optim.ClippedAdam``'s ``clip_norm``, applied by the guide to its own parameters.
+STL_CLIP = 1.0
+
+
 def default_flow():
-    """The guide's default builder, ``'nsf'``: with the site couplings it is the most robust
-    guide under plain Adam across the example models (``benchmarks/inference.py``)."""
-    return "nsf"
+    """The guide's default flow, ``()``: no builder layers, only the site couplings and the
+    full-rank ``LocScale``, trained with sticking the landing and clipped gradients (both
+    chosen from the layers). Under plain Adam it is at or ahead of Pyro's autoguides on every
+    example model (``benchmarks/inference.py``; benchmarks/README.md, "Guide defaults: why")."""
+    return ()
 
 
 class LocScale(FlowLayer):
-    r"""Elementwise affine layer :math:`x = \mu + \sigma \odot z`,
-    :math:`\sigma = \mathrm{softplus}(\rho) + 10^{-6}`, :math:`\log|\det J| = \sum_i \log\sigma_i`.
+    r"""Affine layer :math:`x = \mu + \sigma \odot (L z)`,
+    :math:`\sigma = \mathrm{softplus}(\rho) + 10^{-6}`, :math:`L` unit lower triangular
+    (``full_rank=True``; the identity otherwise), :math:`\log|\det J| = \sum_i \log\sigma_i`.
 
-    The softplus keeps the scale positive with gradients that neither vanish nor explode
-    (an ``exp`` parameterisation overflows on heavy-tailed posteriors such as the funnel).
+    With ``full_rank`` it is AutoMultivariateNormal's parameterisation
+    (:math:`\Sigma = \mathrm{diag}(\sigma) L L^\top \mathrm{diag}(\sigma)`), so a guide ending
+    in it contains every full-covariance Gaussian; :math:`L` starts at the identity. The
+    softplus keeps the scale positive with gradients that neither vanish nor explode (an
+    ``exp`` parameterisation overflows on heavy-tailed posteriors such as the funnel).
 
     Args:
         dim: event size ``D``.
         loc: initial :math:`\mu`, shape ``(D,)`` (default zeros).
         scale: initial :math:`\sigma` (a float or ``(D,)``).
-    Shapes: ``z``, ``x``: ``(*batch, D)``; ``ladj``: ``batch``.
+        full_rank: learn the strictly lower part of :math:`L` (``D(D-1)/2`` parameters).
+    Shapes: ``z``, ``x``: ``(*batch, D)``; ``ladj``: ``batch``. The full-rank map and its
+    inverse (a unit-triangular solve) cost :math:`O(D^2)` per event.
     """
 
-    def __init__(self, dim, loc=None, scale=1.0):
+    def __init__(self, dim, loc=None, scale=1.0, full_rank=False):
         super().__init__()
         self.dim = dim
         loc = torch.zeros(dim) if loc is None else torch.as_tensor(loc).detach().clone()
@@ -74,18 +92,40 @@ class LocScale(FlowLayer):
         # inverse softplus; for large scales softplus(r) ~ r
         s = scale - _MIN_SCALE
         self.raw_scale = nn.Parameter(torch.where(s > 20, s, torch.expm1(s).log()).clone())
+        self.full_rank = bool(full_rank) and dim > 1
+        if self.full_rank:  # only the strictly lower part is used
+            self.lower = nn.Parameter(loc.new_zeros(dim, dim))
 
     @property
     def scale(self):
         return F.softplus(self.raw_scale) + _MIN_SCALE
 
+    def scale_tril(self):
+        r"""The Cholesky factor :math:`\mathrm{diag}(\sigma) L` of the layer's covariance."""
+        scale = self.scale
+        if not self.full_rank:
+            return torch.diag_embed(scale)
+        return scale.unsqueeze(-1) * (self.lower.tril(-1) + torch.eye(
+            self.dim, dtype=scale.dtype, device=scale.device))
+
     def call_and_ladj(self, z):
         scale = self.scale
+        if self.full_rank:
+            z = z + z @ self.lower.tril(-1).mT
         return self.loc + scale * z, scale.log().sum().expand(z.shape[:-1])
 
     def inverse_and_ladj(self, x):
         scale = self.scale
-        return (x - self.loc) / scale, -scale.log().sum().expand(x.shape[:-1])
+        z = (x - self.loc) / scale
+        if self.full_rank:
+            unit = self.lower.tril(-1) + torch.eye(self.dim, dtype=z.dtype, device=z.device)
+            flat = torch.linalg.solve_triangular(unit.mT, z.reshape(-1, self.dim), upper=True,
+                                                 left=False, unitriangular=True)
+            z = flat.reshape(z.shape)
+        return z, -scale.log().sum().expand(x.shape[:-1])
+
+    def extra_repr(self):
+        return f"dim={self.dim}, full_rank={self.full_rank}"
 
 
 class SticksTheLanding(TorchDistribution):
@@ -173,30 +213,40 @@ class AutoFlowGuide(AutoContinuous):
     tensor (what ``Trace_ELBO`` does) reuses each layer's cached pair, so IAF and spline
     guides never invert.
 
-    Gradients: with ``stl=True`` the guide's own log-density is differentiated along the
-    sample path only (sticking the landing, :class:`SticksTheLanding`): unbiased, and
+    Gradients: with sticking the landing (``stl``) the guide's own log-density is
+    differentiated along the sample path only (:class:`SticksTheLanding`): unbiased, and
     noise-free at the exact posterior, so a guide that can represent the posterior settles
-    instead of jittering. It needs gradient clipping against the occasional huge
-    single-sample gradient (``pyro.optim.ClippedAdam({"lr": 1e-2, "clip_norm": 1.0})``) and
-    affine layers: on Neal's funnel ``flow=(), stl=True`` with ClippedAdam is the most accurate
-    recipe of ``benchmarks/inference.py``. Far from the posterior its location gradient is
-    noisier than the standard one, and with plain Adam it diverged on eight schools, so it is
-    off by default.
+    instead of jittering. ``stl=None`` (default) turns it on when every layer is affine or
+    otherwise suited to it (not splines, whose inverse gradients are unstable while the knots
+    move, nor IAF, whose inverse costs ``D`` passes), and then ``clip=None`` bounds every
+    gradient element of the guide's parameters by :data:`STL_CLIP` (what
+    ``pyro.optim.ClippedAdam``'s ``clip_norm`` does, here inside the guide, so a plain
+    ``pyro.optim.Adam`` loop gets it): STL's path gradient has rare huge single-sample values
+    (the funnel's neck), and unclipped it left the funnel at W1(v) 1.1 instead of 0.3.
+
+    The default, ``flow=()`` with ``full_rank=True``, is therefore
+    :math:`\theta = \mu + \sigma \odot L\, c_S(\dots c_1(z))`: it contains
+    AutoMultivariateNormal's family (couplings at the identity) and each later site's
+    location and scale depend on the earlier ones (the funnel's and eight schools'
+    hierarchies, the banana's quadratic mean).
 
     Args:
         model: a Pyro model with static structure and continuous latent sites. Data plates may
             be subsampled; local latent variables inside a subsampled plate are not supported
             (as for every ``AutoContinuous``).
-        flow: a builder name in :data:`pyro_flows_ext.flows.FLOWS` (default
-            :func:`default_flow`, ``'nsf'``), a list of transforms (``()``: only the site
-            couplings and ``LocScale``, the fastest guide and on Neal's funnel the most
-            accurate one), or a callable ``dim -> transforms`` returning a
+        flow: a builder name in :data:`pyro_flows_ext.flows.FLOWS`, a list of transforms
+            (default :func:`default_flow`, ``()``: only the site couplings and ``LocScale``),
+            or a callable ``dim -> transforms`` returning a
             list of transforms, a single transform or a :class:`~pyro_flows_ext.Flow`.
         init_loc_fn: per-site initialisation (Pyro's ``init_to_*``).
         init_scale: initial posterior scale in unconstrained space.
         structured: add the site-order couplings (:func:`site_couplings`).
-        stl: sticking-the-landing gradients (for affine guides, ``flow='realnvp'`` or
-            ``flow=()``, trained with ``ClippedAdam``; see above).
+        stl: sticking-the-landing gradients: ``None`` chooses them from the layers (see
+            above), ``True``/``False`` force them on or off.
+        full_rank: the final ``LocScale`` learns a unit lower-triangular factor (full
+            covariance); ``False``: diagonal.
+        clip: elementwise bound on the guide's parameter gradients: ``None`` is
+            :data:`STL_CLIP` with sticking the landing and none without, ``False`` none.
         **flow_kwargs: passed to the builder (over the guide defaults in
             :data:`GUIDE_DEFAULTS`).
     Shapes: the posterior's event shape is ``(D,)``.
@@ -208,7 +258,7 @@ class AutoFlowGuide(AutoContinuous):
     """
 
     def __init__(self, model, flow=None, init_loc_fn=init_to_median, init_scale=0.1,
-                 structured=True, stl=False, **flow_kwargs):
+                 structured=True, stl=None, full_rank=True, clip=None, **flow_kwargs):
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
         flow = default_flow() if flow is None else flow
@@ -230,7 +280,17 @@ class AutoFlowGuide(AutoContinuous):
             raise TypeError(f"flow_kwargs {sorted(flow_kwargs)} are only used with a builder "
                             "name; bind them into your callable instead")
         self._flow_spec, self._flow_kwargs, self._init_scale = flow, flow_kwargs, init_scale
-        self._structured, self.stl = bool(structured), bool(stl)
+        if stl is not None and not isinstance(stl, bool):
+            raise TypeError(f"stl must be True, False or None (chosen from the layers), got "
+                            f"{stl!r}")
+        if not (clip is None or clip is False
+                or (isinstance(clip, (int, float)) and not isinstance(clip, bool) and clip > 0)):
+            raise ValueError(f"clip must be None (chosen with stl), False or a positive "
+                             f"number, got {clip!r}")
+        self._structured, self._stl_arg = bool(structured), stl
+        self.stl = bool(stl)  # resolved when the guide is set up (stl=None)
+        self._full_rank, self._clip_arg, self._clip = bool(full_rank), clip, False
+        self._clipped = {}
         super().__init__(model, init_loc_fn=init_loc_fn)
 
     # -- construction --------------------------------------------------------------------------
@@ -276,14 +336,19 @@ class AutoFlowGuide(AutoContinuous):
         if self._structured:
             sizes = [math.prod(shape) for shape in self._unconstrained_shapes.values()]
             layers += site_couplings(sizes)
-        loc_scale = LocScale(self.latent_dim, init, self._init_scale)
+        loc_scale = LocScale(self.latent_dim, init, self._init_scale, full_rank=self._full_rank)
         base_shape = torch.Size([self.latent_dim])  # walked back: layers may change the size
         for t in reversed(layers):
             base_shape = t.inverse_shape(base_shape)
         flow = Flow(None, layers + [loc_scale], event_shape=base_shape)
         self.flow = flow.to(device=init.device, dtype=init.dtype)
-        unsuited = _stl_unsuited(layers) if self.stl else []
-        if unsuited:
+        unsuited = _stl_unsuited(layers)
+        if self._stl_arg is None:
+            self.stl = not unsuited
+        self._clip = self._clip_arg
+        if self._clip is None:  # chosen with stl
+            self._clip = STL_CLIP if self.stl else False
+        if self.stl and unsuited:
             warnings.warn(f"stl=True with {unsuited[0]} layers: sticking the landing inverts "
                           "every layer each step, and spline inverses give unstable gradients "
                           "and IAF inverses cost D passes; prefer flow='realnvp' or flow=()",
@@ -313,9 +378,20 @@ class AutoFlowGuide(AutoContinuous):
         """Samples the packed latent vector (the guide's one auxiliary site); with ``stl``
         its log-density carries the sticking-the-landing gradient."""
         posterior = self.get_posterior(*args, **kwargs)
+        if self._clip and torch.is_grad_enabled():
+            self._clip_gradients()
         if self.stl:
             posterior = SticksTheLanding(posterior)
         return pyro.sample(f"_{self._pyro_name}_latent", posterior, infer={"is_auxiliary": True})
+
+    def _clip_gradients(self):
+        # a hook per parameter tensor, added once (a copy of the guide has new tensors and
+        # hooks them on its first step: deepcopy and pickling drop tensor hooks)
+        c = float(self._clip)
+        for p in self.parameters():
+            if id(p) not in self._clipped and p.requires_grad:
+                p.register_hook(lambda g: g.clamp(-c, c))
+                self._clipped[id(p)] = True
 
     @torch.no_grad()
     def sample_unconstrained(self, *args, num_samples=1000, **kwargs):

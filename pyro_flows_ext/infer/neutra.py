@@ -82,10 +82,11 @@ def guide_advice(khat, cli=False):
     if cli:
         return head + ("Train longer (--steps); for funnel-like hierarchical models use "
                        "--flow none --stl (the README's recipe); or run plain NUTS")
-    return head + ("Train it longer, with pyro.optim.ClippedAdam; for funnel-like "
-                   "hierarchical models use the README's recipe AutoFlowGuide(model, "
-                   "flow=(), stl=True) with ClippedAdam({'lr': 1e-2, 'clip_norm': 1.0}); or "
-                   f"run plain NUTS. (k-hat: {KHAT_SCOPE})")
+    return head + ("Train it longer (more SVI steps); a guide with spline or IAF layers "
+                   "trains without sticking the landing: the default AutoFlowGuide(model) "
+                   "(affine site couplings, full covariance, sticking the landing with "
+                   "clipped gradients) suits hierarchical (funnel-like) models; or run plain "
+                   f"NUTS. (k-hat: {KHAT_SCOPE})")
 
 
 def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, num_chains=2,
