@@ -58,7 +58,8 @@ def bijections(draw):
     ``domain`` is ``'real'`` (all of R^D) or ``'positive'``."""
     kind = draw(st.sampled_from(["coupling", "autoregressive", "spline", "residual", "actnorm",
                                  "batchnorm", "conv", "permute", "reverse", "standardize",
-                                 "cholesky", "exp", "actnorm-image", "conv-image"]))
+                                 "cholesky", "exp", "actnorm-image", "conv-image",
+                                 "emerging-image", "coupling-image", "logit"]))
     dim = draw(st.integers(2 if kind == "coupling" else 1, 4))
     if kind == "coupling":
         layer = T.Coupling(dim, draw(element_maps()), hidden_dims=(draw(st.integers(1, 8)),),
@@ -88,6 +89,15 @@ def bijections(draw):
         layer = T.Standardize(dim, torch.tensor(loc), torch.tensor(scale))
     elif kind == "cholesky":
         layer = T.CholeskyAffine(dim)
+    elif kind == "emerging-image":
+        layer = T.EmergingConv(dim, kernel_size=draw(st.sampled_from([1, 3])))
+    elif kind == "coupling-image":
+        mask = "checkerboard" if dim == 1 else draw(st.sampled_from(["checkerboard", "channel"]))
+        layer = T.ImageCoupling(dim, mask, draw(st.integers(0, 1)), hidden_channels=4,
+                                clamp=draw(st.floats(0.5, 8.0)))
+    elif kind == "logit":
+        # alpha > 0: with alpha = 0 the ends of [0, scale] map to -inf and inf (documented)
+        layer = T.Logit(dim, alpha=draw(st.floats(0.01, 0.45)), scale=draw(st.integers(1, 256)))
     else:
         layer = T.Exp(dim)
     torch.manual_seed(draw(seeds))
@@ -97,7 +107,8 @@ def bijections(draw):
             lin.update(50)
     image = kind.endswith("-image")
     event_shape = (dim, 2, 2) if image else (dim,)
-    return layer, event_shape, "positive" if kind == "exp" else "real"
+    domain = {"exp": "positive", "logit": "interval"}.get(kind, "real")
+    return layer, event_shape, domain
 
 
 def base_sample(shape, domain, dtype, scale=1.0):
@@ -139,6 +150,8 @@ def test_finite_on_extreme_inputs(case, magnitude, dtype):
     x = x / x.abs().amax().clamp_min(1e-12) * magnitude
     if domain == "positive":
         x = x.abs() + 1e-3
+    if domain == "interval":  # Logit: data in [0, scale], extremes at the ends
+        x = (x.sigmoid() * layer.scale).clamp(0, layer.scale)
     z, v = layer.inverse_and_ladj(x)
     assert torch.isfinite(z).all() and torch.isfinite(v).all()
 
