@@ -192,10 +192,13 @@ def _readout_scale(hidden_dims):
 
 def _stl_unsuited(layers):
     """Layers for which sticking the landing is a poor choice: slow inverses (IAF costs ``D``
-    passes) and element maps known to be unstable with it (splines: the inverse's parameter
-    gradients blow up while the knots move)."""
+    passes), element maps known to be unstable with it (splines: the inverse's parameter
+    gradients blow up while the knots move), and layers that are not bijections or whose
+    log-determinant is estimated (surjections, stochastic layers, residual blocks: the
+    guide's log-density is then itself an estimate)."""
     return [type(t).__name__ for t in layers
-            if not getattr(t, "stl_stable", True) or not getattr(t, "fast_inverse", True)]
+            if not getattr(t, "stl_stable", True) or not getattr(t, "fast_inverse", True)
+            or not getattr(t, "bijective", True) or not getattr(t, "exact", True)]
 
 
 class AutoFlowGuide(AutoContinuous):
