@@ -144,6 +144,20 @@ def _scenarios(folder):
         return lambda x, y, idx: svi.step(x, y, D.shard(idx))
 
     out["svi"] = run_svi(factory)
+
+    # 6. a plate drawing its own subsample would draw the same rows on every rank
+    def drawing(x, y):
+        w = pyro.sample("w", dist.Normal(torch.zeros(3, dtype=x.dtype), 1.0).to_event(1))
+        with pyro.plate("data", N_SVI, subsample_size=B_SVI) as idx:
+            pyro.sample("y", dist.Bernoulli(logits=x[idx] @ w), obs=y[idx])
+
+    pyro.clear_param_store()
+    svi = D.DistributedSVI(drawing, pyro.infer.autoguide.AutoNormal(drawing),
+                           pyro.optim.Adam({"lr": 0.05}), pyro.infer.Trace_ELBO())
+    try:
+        svi.step(*(t.float() for t in svi_data()))
+    except ValueError as e:
+        out["self_drawn"] = str(e)
     return out
 
 
@@ -241,6 +255,11 @@ def test_data_parallel_svi_matches_one_process(two_ranks):
         np.testing.assert_allclose(their_losses, losses, rtol=1e-10)
         assert_states_close(their_params, params, 1e-10)
     assert len(params) > 0
+
+
+def test_svi_refuses_plates_that_draw_their_own_subsample(two_ranks):
+    for r in two_ranks:
+        assert "subsample=svi.subsample" in r.get("self_drawn", "")
 
 
 def test_cli_nproc_2_matches_one_process(tmp_path):
