@@ -84,8 +84,10 @@ def bijections(draw):
     elif kind == "reverse":
         layer = T.Reverse(dim)
     elif kind == "standardize":
-        loc = draw(st.lists(st.floats(-100, 100), min_size=dim, max_size=dim))
-        scale = draw(st.lists(st.floats(1e-3, 1e3), min_size=dim, max_size=dim))
+        # |loc| / scale <= 1e3: beyond that a float32 round trip loses the base point to
+        # cancellation (x = loc + scale z), whatever the code
+        loc = draw(st.lists(st.floats(-10, 10), min_size=dim, max_size=dim))
+        scale = draw(st.lists(st.floats(1e-2, 1e2), min_size=dim, max_size=dim))
         layer = T.Standardize(dim, torch.tensor(loc), torch.tensor(scale))
     elif kind == "cholesky":
         layer = T.CholeskyAffine(dim)
