@@ -52,11 +52,12 @@ STL_CLIP = 1.0
 
 
 def default_flow():
-    """The guide's default flow, ``()``: no builder layers, only the site couplings and the
-    full-rank ``LocScale``, trained with sticking the landing and clipped gradients (both
-    chosen from the layers). Under plain Adam it is at or ahead of Pyro's autoguides on every
-    example model (``benchmarks/inference.py``; benchmarks/README.md, "Guide defaults: why")."""
-    return ()
+    """The default builder of ``pyro-flows infer --flow``, ``'nsf'`` (the command line trains
+    it with its own ClippedAdam schedule). ``AutoFlowGuide(model)`` itself defaults to
+    ``flow=()``: the site couplings and the full-rank ``LocScale``, trained with sticking the
+    landing and clipped gradients, at or ahead of Pyro's autoguides on every example model
+    under plain Adam (``benchmarks/inference.py``; benchmarks/README.md)."""
+    return "nsf"
 
 
 class LocScale(FlowLayer):
@@ -238,7 +239,7 @@ class AutoFlowGuide(AutoContinuous):
             be subsampled; local latent variables inside a subsampled plate are not supported
             (as for every ``AutoContinuous``).
         flow: a builder name in :data:`pyro_flows_ext.flows.FLOWS`, a list of transforms
-            (default :func:`default_flow`, ``()``: only the site couplings and ``LocScale``),
+            (default ``()``: only the site couplings and ``LocScale``),
             or a callable ``dim -> transforms`` returning a
             list of transforms, a single transform or a :class:`~pyro_flows_ext.Flow`.
         init_loc_fn: per-site initialisation (Pyro's ``init_to_*``).
@@ -264,7 +265,7 @@ class AutoFlowGuide(AutoContinuous):
                  structured=True, stl=None, full_rank=True, clip=None, **flow_kwargs):
         if not (isinstance(init_scale, (int, float)) and init_scale > 0):
             raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
-        flow = default_flow() if flow is None else flow
+        flow = () if flow is None else flow
         if isinstance(flow, str):
             from ..flows import FLOWS
 
