@@ -350,3 +350,37 @@ def test_glow_fit_on_smooth_images():
     assert all(math.isfinite(v) for v in history["loss"])
     assert history["val_nll"][-1] < history["val_nll"][0] - 20
     assert entropy - 3.0 < nll < independent - 40, (entropy, nll, independent)
+
+
+def test_maxpool_gaps_are_truncated_normals():
+    """The learned max-pool's likelihood is the categorical position times normals truncated
+    to d > 0 (scored with torch's Normal and its CDF), positive at d = 0 (ties), and its
+    draws have the truncated normal's mean."""
+    layer = perturb(MaxPool2d(2), 0.5).double()
+    z = torch.randn(2, 2, 2, dtype=torch.float64)
+    x, ladj = layer.call_and_ladj(z.expand(4000, 2, 2, 2))
+    log_pos, a, log_scale = (t[None] for t in layer._conditionals(z))
+    windows = x.reshape(4000, 2, 2, 2, 2, 2).transpose(-3, -2).reshape(4000, 2, 2, 2, 4)
+    k = windows.argmax(-1)
+    d = z[None, ..., None] - windows
+    sigma = log_scale.exp()
+    normal = torch.distributions.Normal(a * sigma, sigma)
+    log_gap = normal.log_prob(d) - torch.distributions.Normal(0.0, 1.0).cdf(a).log()
+    is_max = torch.nn.functional.one_hot(k, 4).bool()
+    log_k = log_pos.expand(d.shape).gather(-1, k[..., None])[..., 0]
+    v = log_k + log_gap.masked_fill(is_max, 0.0).sum(-1)
+    torch.testing.assert_close(ladj, -v.sum((1, 2, 3)))
+    # draws: the mean gap at each (position, window) against sigma (a + phi(a) / Phi(a))
+    std_normal = torch.distributions.Normal(0.0, 1.0)
+    expected = sigma[0] * (a[0] + std_normal.log_prob(a[0]).exp() / std_normal.cdf(a[0]))
+    not_max = (~is_max).double()
+    count = not_max.sum(0)
+    mean = (d * not_max).sum(0) / count.clamp_min(1)
+    sd = (((d - mean).square() * not_max).sum(0) / count.clamp_min(2)).sqrt()
+    seen = count > 200  # some positions are nearly always the maximum
+    assert seen.sum() >= 16
+    assert ((mean - expected).abs() / (sd / count.sqrt()))[seen].max() < 4.5
+    # ties (gaps of exactly 0) have a finite log-density
+    tie = x[:3].clone()
+    tie[..., 0, 1] = tie[..., 0, 0] = tie[..., :2, :2].amax((-2, -1))
+    assert torch.isfinite(layer.inverse_and_ladj(tie)[1]).all()
