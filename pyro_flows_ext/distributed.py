@@ -179,10 +179,9 @@ def all_reduce_gradients(params, weight=None, values=()):
     """
     params = list(params)
     values = [float(v) for v in values]
-    world = get_world_size()
-    w = (1.0 / world if weight is None else float(weight)) if is_distributed() else (
-        1.0 if weight is None else float(weight))
-    if not is_distributed():
+    distributed = is_distributed()
+    w = float(weight) if weight is not None else 1.0 / get_world_size()
+    if not distributed:
         for p in params:
             if p.grad is not None and w != 1.0:
                 p.grad.mul_(w)
