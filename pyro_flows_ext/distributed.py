@@ -483,7 +483,9 @@ class DistributedSVI(pyro.infer.SVI):
                         p.copy_(broadcast_object(p.detach().cpu()).to(p))
                 self._broadcast.update(name for name, _ in named)
             weight = self._weight(record.plates)
-        loss = float(loss) if not isinstance(loss, tuple) else sum(map(float, loss))
+        if isinstance(loss, tuple):
+            raise TypeError("DistributedSVI supports losses that return one number (Trace_ELBO "
+                            "and its relatives), not a tuple (e.g. ReweightedWakeSleep)")
         loss = all_reduce_gradients(params, weight, values=[loss])[0]
         self.optim(params)
         pyro.infer.util.zero_grads(set(params))

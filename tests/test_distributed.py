@@ -290,6 +290,20 @@ def test_without_a_group_helpers_are_the_identity():
         fit_density(data_parallel_flow(), density_data()[0], num_steps=1, distributed=True)
 
 
+def test_distributed_svi_without_a_group_is_plain_svi():
+    def plain(guide):
+        return pyro.infer.SVI(logistic, guide, pyro.optim.Adam({"lr": 0.05}),
+                              pyro.infer.Trace_ELBO()).step
+
+    def wrapped(guide):
+        return D.DistributedSVI(logistic, guide, pyro.optim.Adam({"lr": 0.05}),
+                                pyro.infer.Trace_ELBO()).step
+
+    (a, pa), (b, pb) = run_svi(plain), run_svi(wrapped)
+    assert a == b
+    assert_states_close(pa, pb, 0.0)
+
+
 @pytest.mark.parametrize("n, world", [(10, 3), (2, 4), (101, 2), (0, 2)])
 def test_shards_cover_the_rows_once_in_order(n, world):
     parts = [D.shard_bounds(n, r, world) for r in range(world)]
