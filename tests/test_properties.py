@@ -253,3 +253,17 @@ def test_invalid_constructor_arguments_are_clear_errors(data, what):
     value = data.draw(values)
     with pytest.raises(ValueError, match="must|needs|expected|permutation"):
         make(value)
+
+
+PROPERTIES = [test_round_trip_and_inverse_log_det, test_log_det_matches_autograd,
+              test_finite_on_extreme_inputs, test_surjection_shapes_round_trip_and_finite,
+              test_wrong_event_size_is_a_clear_error,
+              test_invalid_constructor_arguments_are_clear_errors]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("prop", PROPERTIES, ids=[p.__name__[5:] for p in PROPERTIES])
+def test_long_profile(prop):
+    """Every property again under ``-m slow``, with the ``long`` profile (300 random examples
+    each; loaded by tests/conftest.py for ``-m slow``)."""
+    prop()
