@@ -12,8 +12,9 @@ Models, all fitted to the same training rows:
 
 * ``gaussian``: full-covariance MLE (mean and biased covariance of the training rows),
   scored with ``torch.distributions.MultivariateNormal``;
-* every builder of ``pfe.flows.FLOWS`` at its defaults, fitted with ``pfe.infer.fit_density``
-  at its defaults (only ``num_steps`` may be lowered with ``--steps``; validation split,
+* every vector builder of ``pfe.flows.FLOWS`` (image builders such as glow are skipped),
+  fitted with ``pfe.infer.fit_density`` at its defaults (only ``num_steps`` may be lowered
+  with ``--steps``; validation split,
   evaluation interval, batch size, optimizer and best-step restore are fit_density's own);
 * ``zuko NSF`` (``zuko.flows.NSF(D, transforms=3)``, as in ``expressive.py``) and
   ``zuko RealNVP`` (``zuko.flows.RealNVP(D, transforms=8)``, as in ``density.py``), trained
@@ -242,7 +243,8 @@ def main():
     args = parser.parse_args()
 
     sets = args.sets.split(",")
-    flows = args.flows.split(",") if args.flows else list(pfe.flows.FLOWS)
+    flows = (args.flows.split(",") if args.flows else
+             [n for n, b in pfe.flows.FLOWS.items() if not getattr(b, "image", False)])
     models = ["gaussian"] + flows + ([] if args.no_zuko else ["zuko NSF", "zuko RealNVP"])
     seeds = [int(s) for s in args.seeds.split(",")]
     shown = ("batch_size", "val_fraction", "eval_every", "patience")
