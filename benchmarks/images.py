@@ -54,7 +54,7 @@ channels, 400 ``fit_density`` steps, both dropping 48 of 64 values at the first 
 MaxPool2d contributes -53.5 nats per image (the position of each window's maximum and three
 gaps, predicted from the maxima at the same location by an MLP over channels, without
 spatial context) against -37.1 for ChannelSlice (a Gaussian from a convolutional ResNet over
-the kept channels); the Glow steps on its data side recover 10 of the 16 nats, leaving 3.7
+the kept channels); the Glow steps on its data side recover about 12 of the 16 nats, leaving 3.7
 nats (0.08 bits/dim) per image. (Before the truncated-normal gaps of commit 9543930, the
 softplus-normal gaps' density vanished at d = 0, where the gaps of flat backgrounds pile up,
 and max-pool stalled at 3.5 bits/dim.) The flat RealNVP is 0.14 (bound) / 0.16 (IW)
