@@ -2,9 +2,16 @@
 
     PYTHONPATH=. python benchmarks/inference.py --quick     # ~5-8 min on one thread
     PYTHONPATH=. python benchmarks/inference.py             # 2000 SVI steps, 500+500 NUTS
+    PYTHONPATH=. python benchmarks/inference.py --seeds 0,1,2 --optim adam --skip-mcmc
+    # one process per seed, then one table: --json rows_S.json ... --aggregate rows_*.json
 
-SVI table: final ELBO (mean of the last 10% of steps), importance-weighted log evidence and
-PSIS k-hat from the same draws, ms per SVI step (every guide trains in interleaved rounds,
+Guides: the default AutoFlowGuide, the previous default and Pyro's four autoguides
+(``--every`` adds the other builders and the ablations of the default's levers). The ELBO is
+estimated from 1000 fresh draws after training (the same estimator for every guide); with
+several seeds the table shows the median and the range.
+
+SVI table: ELBO, importance-weighted log evidence and PSIS k-hat from the same 1000 draws,
+ms per SVI step (every guide trains in interleaved rounds,
 in rotating order; median over rounds), and W1 of a key marginal against exact draws where
 they exist (funnel: v; banana: x2). MCMC table: plain NUTS vs NeuTra(AutoFlowGuide) vs
 NeuTra(AutoIAFNormal): divergences, min bulk ESS per second (sampling only, and including
