@@ -439,10 +439,11 @@ class DistributedSVI(pyro.infer.SVI):
     created lazily by the guide, not in one ``nn.Module`` called through ``forward()``.
 
     Several subsampled plates must split their subsamples in the same proportions (e.g.
-    subsample sizes divisible by the world size). Clip gradients in the optimizer
-    (``pyro.optim.ClippedAdam``: it sees the reduced gradient), not with tensor hooks in the
-    backward pass (a guide's elementwise clip acts on each rank's part before the sum, so the
-    run is no longer one process's). Without a group it is plain SVI.
+    subsample sizes divisible by the world size). Gradient clips see the reduced gradient:
+    ``pyro.optim.ClippedAdam`` clips in the optimizer, and :class:`~.infer.AutoFlowGuide`'s own
+    elementwise clip (on with sticking the landing) is suspended in the backward pass and
+    applied after the sum. Tensor hooks of your own that clip would act on each rank's part
+    before the sum. Without a group it is plain SVI.
 
     Args: as :class:`pyro.infer.SVI`; ``seed`` seeds :meth:`subsample`.
     """
@@ -463,7 +464,11 @@ class DistributedSVI(pyro.infer.SVI):
         """One SVI step on this rank's share; returns the global loss (the one-process ELBO
         loss of the global subsample)."""
         record = _RecordSubsamples()
-        with poutine.trace(param_only=True) as capture, record:
+        # a guide's own gradient clip (AutoFlowGuide's, with sticking the landing) must act on
+        # the reduced gradient, as in one process: suspended in backward, applied after the sum
+        deferred = getattr(self.guide, "clipping_deferred", None)
+        with (deferred() if deferred else contextlib.nullcontext()), record, \
+                poutine.trace(param_only=True) as capture:
             loss = self.loss_and_grads(self.model, self.guide, *args, **kwargs)
         named = sorted((name, site["value"].unconstrained())
                        for name, site in capture.trace.nodes.items())
@@ -487,6 +492,8 @@ class DistributedSVI(pyro.infer.SVI):
             raise TypeError("DistributedSVI supports losses that return one number (Trace_ELBO "
                             "and its relatives), not a tuple (e.g. ReweightedWakeSleep)")
         loss = all_reduce_gradients(params, weight, values=[loss])[0]
+        if deferred:
+            self.guide.clip_gradients_()
         self.optim(params)
         pyro.infer.util.zero_grads(set(params))
         self.num_steps += 1

@@ -72,8 +72,10 @@ def svi_batches():
     return [torch.randperm(N_SVI, generator=g)[:B_SVI] for _ in range(SVI_STEPS)]
 
 
-def run_svi(step_fn_factory):
-    """``SVI_STEPS`` steps from seed 0 in float64; ``(losses, {param: value})``."""
+def run_svi(step_fn_factory, default_guide=False):
+    """``SVI_STEPS`` steps from seed 0 in float64; ``(losses, {param: value})``. With
+    ``default_guide``, ``AutoFlowGuide``'s defaults (sticking the landing and its in-guide
+    elementwise gradient clip)."""
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -82,7 +84,8 @@ def run_svi(step_fn_factory):
         x, y = svi_data()
         # stl=False: no gradient clipping inside the guide (a per-rank elementwise clip
         # before the reduction is not the clip of the summed gradient)
-        guide = AutoFlowGuide(logistic, flow="maf", num_layers=1, hidden_dims=(8,), stl=False)
+        guide = (AutoFlowGuide(logistic) if default_guide else
+                 AutoFlowGuide(logistic, flow="maf", num_layers=1, hidden_dims=(8,), stl=False))
         step = step_fn_factory(guide)
         losses = [step(x, y, idx) for idx in svi_batches()]
         return losses, {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
@@ -144,6 +147,7 @@ def _scenarios(folder):
         return lambda x, y, idx: svi.step(x, y, D.shard(idx))
 
     out["svi"] = run_svi(factory)
+    out["svi_default"] = run_svi(factory, default_guide=True)
 
     # 6. a plate drawing its own subsample would draw the same rows on every rank
     def drawing(x, y):
@@ -255,6 +259,21 @@ def test_data_parallel_svi_matches_one_process(two_ranks):
         np.testing.assert_allclose(their_losses, losses, rtol=1e-10)
         assert_states_close(their_params, params, 1e-10)
     assert len(params) > 0
+
+
+def test_data_parallel_svi_with_the_default_guide_clips_the_summed_gradient(two_ranks):
+    # the default guide clips its gradients elementwise inside the backward pass; summing
+    # clipped parts would differ from one process's clip of the sum (the clip binds early on)
+    def factory(guide):
+        svi = pyro.infer.SVI(logistic, guide, pyro.optim.Adam({"lr": 0.05}),
+                             pyro.infer.Trace_ELBO())
+        return svi.step
+
+    losses, params = run_svi(factory, default_guide=True)
+    for r in two_ranks:
+        their_losses, their_params = r["svi_default"]
+        np.testing.assert_allclose(their_losses, losses, rtol=1e-10)
+        assert_states_close(their_params, params, 1e-10)
 
 
 def test_svi_refuses_plates_that_draw_their_own_subsample(two_ranks):

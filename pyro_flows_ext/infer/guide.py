@@ -1,5 +1,6 @@
 """``AutoFlowGuide``: a Pyro autoguide whose posterior is a :class:`~pyro_flows_ext.Flow`."""
 
+import contextlib
 import inspect
 import math
 import warnings
@@ -394,8 +395,29 @@ class AutoFlowGuide(AutoContinuous):
         c = float(self._clip)
         for p in self.parameters():
             if id(p) not in self._clipped and p.requires_grad:
-                p.register_hook(lambda g: g.clamp(-c, c))
+                p.register_hook(lambda g: g if getattr(self, "_clip_deferred", False)
+                                else g.clamp(-c, c))
                 self._clipped[id(p)] = True
+
+    @contextlib.contextmanager
+    def clipping_deferred(self):
+        """Suspends the in-guide gradient clip for the backward passes inside the block, for a
+        caller that sums gradients first (data-parallel SVI) and then clips the sum with
+        :meth:`clip_gradients_`."""
+        self._clip_deferred = True
+        try:
+            yield self
+        finally:
+            self._clip_deferred = False
+
+    @torch.no_grad()
+    def clip_gradients_(self):
+        """Applies the guide's elementwise clip, :math:`g \\leftarrow \\max(-c, \\min(c, g))`, to
+        the current ``.grad`` of its parameters (nothing without a clip)."""
+        if self._clip:
+            for p in self.parameters():
+                if p.grad is not None:
+                    p.grad.clamp_(-float(self._clip), float(self._clip))
 
     @torch.no_grad()
     def sample_unconstrained(self, *args, num_samples=1000, **kwargs):
