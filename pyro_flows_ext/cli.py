@@ -298,11 +298,11 @@ def cmd_sample(args):
     torch.manual_seed(args.seed)
     with torch.no_grad():
         x = flow.sample((args.n,))
-    x = x.reshape(args.n, -1).cpu().numpy()
+    x = x.cpu().numpy()
     if args.output.endswith(".npy"):
-        np.save(args.output, x)
+        np.save(args.output, x)  # (n, *event_shape): images keep (C, H, W)
     else:
-        np.savetxt(args.output, x, delimiter=",", fmt="%.6g")
+        np.savetxt(args.output, x.reshape(args.n, -1), delimiter=",", fmt="%.6g")  # a row each
     print(f"wrote {args.n} samples to {args.output}")
 
 

@@ -3,6 +3,7 @@
 import json
 import math
 
+import numpy as np
 import pyro
 import pytest
 import torch
@@ -72,6 +73,14 @@ def test_cli_fit_digits_writes_files_and_prints_bits(tmp_path, capsys):
         assert 1.0 < metrics[key] < 2 * math.log2(17)
     flow = pfe.load(out / "model.pt")
     assert flow.sample((2,)).shape == (2, 1, 8, 8)
+    # pyro-flows sample: .npy keeps the image shape and the integer levels, .csv a row each
+    npy, csv = str(tmp_path / "s.npy"), str(tmp_path / "s.csv")
+    assert main(["sample", str(out / "model.pt"), "-n", "3", "-o", npy]) == 0
+    assert main(["sample", str(out / "model.pt"), "-n", "3", "-o", csv]) == 0
+    images = np.load(npy)
+    assert images.shape == (3, 1, 8, 8)
+    assert np.all(images == np.round(images)) and images.min() >= 0 and images.max() <= 16
+    assert np.loadtxt(csv, delimiter=",").shape == (3, 64)
 
 
 @pytest.mark.parametrize("argv,message", [
