@@ -219,7 +219,7 @@ def test_stl_chosen_from_layers_and_warns_for_unsuited_layers():
     guide = AutoFlowGuide(model)  # affine layers only: STL, with clipped gradients
     guide()
     assert guide.stl is True and guide._clip == pfe.infer.guide.STL_CLIP
-    for flow in ("nsf", "iaf"):  # splines, IAF: off (and no clipping)
+    for flow in ("nsf", "iaf", "residual_flow"):  # splines, IAF, iterative inverses: off
         guide = AutoFlowGuide(model, flow=flow)
         guide()
         assert guide.stl is False and guide._clip is False

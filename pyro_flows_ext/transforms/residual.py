@@ -130,6 +130,8 @@ class ResidualBlock(FlowLayer):
     Flows for Invertible Generative Modeling. NeurIPS 2019.
     """
 
+    fast_inverse = False  # the inverse is a fixed-point iteration (up to max_iter passes)
+
     def __init__(self, dim, hidden_dims=(64, 64), lipschitz=0.97, logdet="exact",
                  n_power_iterations=5, n_power_terms=10, n_exact_terms=2, geom_p=0.5, tol=None,
                  max_iter=500):
