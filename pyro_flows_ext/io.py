@@ -1,6 +1,7 @@
 """Saving and loading flows as builder name + arguments + ``state_dict``."""
 
 import os
+import pickle
 import tempfile
 
 import torch
@@ -213,9 +214,14 @@ def read(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types for a corrupt or foreign file
-        raise ValueError(f"could not load model file {path!r}: {type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''} (expected a file written "
-                         "by pyro_flows_ext.save or `pyro-flows fit`)") from e
+        reason = str(e).splitlines()[0] if str(e) else ""
+        if isinstance(e, pickle.UnpicklingError):
+            # torch's text advises weights_only=False, which cannot help a corrupt file and
+            # would run a foreign file's code: keep only its first sentence
+            reason = reason.split(". ")[0]
+        raise ValueError(f"could not load model file {path!r}: {type(e).__name__}: {reason} "
+                         "(expected a file written by pyro_flows_ext.save or `pyro-flows "
+                         "fit`)") from e
 
 
 def load(path, map_location=None, *, model=None, model_args=None, model_kwargs=None,

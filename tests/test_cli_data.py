@@ -68,6 +68,12 @@ def test_sample_rejects_a_foreign_file(tmp_path, capsys):
     (tmp_path / "x.pt").write_text("hello")
     assert main(["sample", str(tmp_path / "x.pt")]) == 2
     assert "could not load model file" in capsys.readouterr().err
+    # a corrupt pickle: torch's advice to retry with weights_only=False (which would run a
+    # foreign file's code and cannot fix a corrupt one) is not passed on
+    (tmp_path / "y.pt").write_bytes(b"\x80\x02garbage" * 50)
+    assert main(["sample", str(tmp_path / "y.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "could not load model file" in err and "weights_only" not in err
 
 
 def test_toy_sets_are_seeded_and_shaped():
