@@ -568,6 +568,20 @@ def fit_density(flow, data, num_steps=2000, batch_size=512, optim=None, val_frac
                     weight_decay, initialize, compile, distributed)
 
 
+def _update(opt, params, decayed, weight_decay, clip_norm):
+    """One update from the current gradients: decoupled-from-the-loss weight decay
+    :math:`g \\leftarrow g + \\lambda p` on ``decayed``, the optional norm clip of ``params``,
+    then ``opt.step()``. Returns False (no step taken) when the gradient norm is not finite."""
+    live = [p for p in decayed if p.grad is not None]
+    if live:
+        torch._foreach_add_([p.grad for p in live], live, alpha=weight_decay)
+    if clip_norm is not None:
+        if not torch.isfinite(torch.nn.utils.clip_grad_norm_(params, clip_norm)):
+            return False
+    opt.step()
+    return True
+
+
 def _decayed_params(flow):
     skip = {id(p) for m in flow.modules() if hasattr(m, "initialized")
             for p in m.parameters(recurse=False)}
@@ -647,15 +661,9 @@ def _fit(flow, data, num_steps, batch_size, optim, val_fraction, val_data, eval_
                 break
             opt.zero_grad()
             loss.backward()
-        if decayed:
-            live = [p for p in decayed if p.grad is not None]
-            torch._foreach_add_([p.grad for p in live], live, alpha=weight_decay)
-        if clip_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(params, clip_norm)
-            if not torch.isfinite(norm):
-                stop_diverged(step, "non-finite gradient")
-                break
-        opt.step()
+        if not _update(opt, params, decayed, weight_decay, clip_norm):
+            stop_diverged(step, "non-finite gradient")
+            break
         if _end_of_step(flow, val, state, opt, step, loss_value, num_steps, eval_every,
                         checkpoint, patience, bar):
             break

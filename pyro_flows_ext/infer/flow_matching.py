@@ -30,6 +30,7 @@ from .density import (
     _end_of_step,
     _finish,
     _start_or_resume,
+    _update,
     as_data,
     check_columns,
     default_patience,
@@ -222,14 +223,9 @@ def _fit(flow, data, num_steps, batch_size, optim, coupling, sigma, ot_block, va
             break
         opt.zero_grad()
         loss.backward()
-        if weight_decay:
-            torch._foreach_add_([p.grad for p in trained], trained, alpha=weight_decay)
-        if clip_norm is not None:
-            norm = torch.nn.utils.clip_grad_norm_(trained, clip_norm)
-            if not torch.isfinite(norm):
-                stop_diverged(step, "non-finite gradient")
-                break
-        opt.step()
+        if not _update(opt, trained, trained if weight_decay else [], weight_decay, clip_norm):
+            stop_diverged(step, "non-finite gradient")
+            break
         if _end_of_step(flow, val, state, opt, step, loss_value, num_steps, eval_every,
                         checkpoint, patience, bar):
             break
