@@ -100,10 +100,5 @@ class ChannelSlice(Surjection):
             dropped = dropped.expand(batch_shape_of(z, 3) + dropped.shape[-3:])
         return z, self._log_normal((dropped - loc) * torch.exp(-log_scale), log_scale)
 
-    def _ladj_of_unseen_pair(self, z, x):
-        if self.context_dim:
-            return super()._ladj_of_unseen_pair(z, x)
-        return -self.inverse_and_ladj(x)[1]
-
     def extra_repr(self):
         return f"dim={self.dim}, keep={self.keep}, context_dim={self.context_dim}"
