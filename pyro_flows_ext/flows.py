@@ -26,7 +26,8 @@ FLOWS = {}
 #: Values that arguments added to a builder later had before they existed: a saved spec
 #: without the argument was written by a version that built the flow this way.
 LEGACY_DEFAULTS = {"realnvp": {"norm": "actnorm", "conv": True, "invert": False,
-                               "zero_init": True, "permute": False}}
+                               "zero_init": True, "permute": False, "mask": "halves",
+                               "squash": "tanh"}}
 
 
 def register(fn):
@@ -96,7 +97,8 @@ _NORMS = {"actnorm": ActNorm, "batchnorm": InvertibleBatchNorm, None: None, "non
 
 @register
 def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm=None, conv=False, lu=False,
-            clamp=5.0, readout_scale=1.0, invert=True, zero_init=True, permute=True):
+            clamp=5.0, readout_scale=1.0, invert=True, zero_init=True, permute=True,
+            mask="halves", squash="tanh"):
     r"""RealNVP/Glow stack, the tutorial's "putting it all together": ``num_layers`` times
     affine coupling, a normalisation and a mixing layer (a fixed reversal; with ``conv=True``
     the tutorial's invertible 1x1 convolution, a learned rotation of the event).
@@ -125,18 +127,30 @@ def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm=None, conv=False, lu=F
             condition each other: an augmented 4-D realnvp on checkerboard stalled at 4.50
             nats with reversals, 4.01 with permutations, 3.93 with 1x1 convolutions, 1000
             steps); ``False``: reversals.
+        mask: ``"halves"``: each coupling transforms the second half of its input given the
+            first, with a mixing layer (reversal, permutation or convolution) in between;
+            ``"alternate"``: zuko's checkered masks (coupling ``i`` passes the coordinates
+            of parity ``i mod 2`` through) and no mixing layer unless ``conv``.
+        squash: how the raw log-scale is bounded by ``clamp``: ``"tanh"``
+            (:math:`b \tanh(r/b)`) or ``"rational"`` (:math:`r / (1 + |r|/b)`, zuko's).
     """
     if norm not in _NORMS:
         raise ValueError(f"unknown norm {norm!r}; expected 'actnorm', 'batchnorm' or None")
+    if mask not in ("halves", "alternate"):
+        raise ValueError(f"unknown mask {mask!r}; expected 'halves' or 'alternate'")
     layers = []
-    for _ in range(num_layers):
+    for i in range(num_layers):
         layers.append(AffineCoupling(dim, hidden_dims=tuple(hidden_dims), clamp=clamp,
                                      readout_scale=readout_scale, invert=invert,
-                                     zero_init=zero_init))
+                                     zero_init=zero_init, squash=squash,
+                                     mask=None if mask == "halves"
+                                     else torch.arange(dim) % 2 == i % 2))
         if _NORMS[norm] is not None:
             layers.append(_NORMS[norm](dim))
         if conv:
             layers.append(InvertibleConv1x1(dim, lu=lu))
+        elif mask == "alternate":
+            continue
         elif permute and dim > 2:  # a fixed random permutation (a buffer, saved)
             layers.append(Permute(dim))
         else:

@@ -43,6 +43,8 @@ LAYERS = {
     "exp": (lambda: Exp(3), (3,)),
     "coupling": (lambda: AffineCoupling(4, hidden_dims=(8,)), (4,)),
     "coupling-odd-mask": (lambda: AffineCoupling(5, hidden_dims=(8,), mask=[1, 0, 1, 0, 0]), (5,)),
+    "coupling-rational": (lambda: AffineCoupling(4, hidden_dims=(8,), squash="rational",
+                                                 invert=True), (4,)),
     "conv1x1": (lambda: InvertibleConv1x1(3), (3,)),
     "conv1x1-lu": (lambda: InvertibleConv1x1(3, lu=True), (3,)),
     "conv1x1-image": (lambda: InvertibleConv1x1(3, event_dim=3), (3, 2, 2)),
@@ -81,6 +83,26 @@ def test_affine_coupling_starts_at_identity_and_clamps_scale():
         layer.net.layers()[-1][1].fill_(1e4)
     _, ladj = layer.call_and_ladj(z)
     assert torch.isfinite(ladj).all() and (ladj.abs() <= 2.0 * 2 + 1e-5).all()
+
+
+def test_rational_squash_is_bounded_with_polynomial_slope():
+    # r / (1 + |r| / b): bounded by b, slope 1 at 0, and slope (1 + |r|/b)^-2 (autograd)
+    # where tanh's has decayed exponentially: a saturated log-scale keeps learning
+    b = 2.0
+    layer = AffineCoupling(4, clamp=b, squash="rational")
+    with torch.no_grad():
+        layer.net.layers()[-1][1].fill_(1e4)
+    _, ladj = layer.call_and_ladj(torch.randn(10, 4))
+    assert torch.isfinite(ladj).all() and (ladj.abs() < 2 * b).all()
+    assert (ladj.abs() > 2 * b * 0.999).all()  # 1e4 / (1 + 5e3) = b * 0.9998
+    r = torch.tensor([0.0, 1.0, 10.0, -10.0], dtype=torch.float64, requires_grad=True)
+    s = layer.element_map._squash(r, b)
+    (slope,) = torch.autograd.grad(s.sum(), r)
+    torch.testing.assert_close(slope, (1 + r.detach().abs() / b) ** -2)
+    tanh_slope = 1 - torch.tanh(torch.tensor(10.0 / b)) ** 2
+    assert slope[2] > 100 * tanh_slope
+    with pytest.raises(ValueError, match="unknown squash"):
+        AffineCoupling(4, squash="sigmoid")
 
 
 def test_affine_coupling_leaves_masked_part_unchanged():

@@ -111,8 +111,9 @@ class Coupling(FlowLayer):
 
 class AffineCoupling(Coupling):
     r"""Affine coupling (RealNVP): :math:`x_b = z_b\, e^{s(z_a)} + t(z_a)`,
-    :math:`\log|\det J| = \sum_i s_i(z_a)`, ``s`` soft-clamped to ``[-clamp, clamp]``.
-    ``Coupling(dim, Affine(clamp), ...)``; arguments as in :class:`Coupling`. With
+    :math:`\log|\det J| = \sum_i s_i(z_a)`, ``s`` squashed into ``(-clamp, clamp)`` (``squash``:
+    ``"tanh"`` or ``"rational"``, see :class:`~pyro_flows_ext.transforms.Affine`).
+    ``Coupling(dim, Affine(clamp, squash), ...)``; other arguments as in :class:`Coupling`. With
     ``invert=True`` the affine map runs data to base, :math:`z_b = x_b e^{s(x_a)} + t(x_a)`
     (zuko's form: the shift is in base units).
 
@@ -124,8 +125,8 @@ class AffineCoupling(Coupling):
     """
 
     def __init__(self, dim, hidden_dims=(64, 64), mask=None, clamp=5.0, context_dim=0,
-                 readout_scale=1.0, invert=False, zero_init=True):
-        super().__init__(dim, Affine(clamp), hidden_dims, mask, context_dim, invert,
+                 readout_scale=1.0, invert=False, zero_init=True, squash="tanh"):
+        super().__init__(dim, Affine(clamp, squash), hidden_dims, mask, context_dim, invert,
                          readout_scale, zero_init)
 
     @property

@@ -17,13 +17,24 @@ from torch import nn
 from ._rqs import num_params as _rqs_num_params
 from ._rqs import spline_forward, spline_inverse, spline_table, table_map
 
-__all__ = ["ElementMap", "Affine", "RationalQuadratic", "soft_clamp"]
+__all__ = ["ElementMap", "Affine", "RationalQuadratic", "soft_clamp", "rational_clamp"]
 
 
 def soft_clamp(raw, bound):
     r""":math:`b \tanh(r / b)`: the identity near 0, smooth, and bounded by ``b`` in absolute
     value, so ``exp(scale)`` never overflows however large the network output gets."""
     return bound * torch.tanh(raw / bound)
+
+
+def rational_clamp(raw, bound):
+    r""":math:`r / (1 + |r| / b)`: the identity near 0 and bounded by ``b`` like
+    :func:`soft_clamp`, but its slope :math:`(1 + |r|/b)^{-2}` decays polynomially, not
+    exponentially, so a saturated log-scale still gets a gradient (zuko's
+    ``MonotonicAffineTransform``, whose ``b = log(1 / slope) = log 1000``)."""
+    return raw / (1 + raw.abs() / bound)
+
+
+SQUASHES = {"tanh": soft_clamp, "rational": rational_clamp}
 
 
 class ElementMap(nn.Module):
@@ -63,29 +74,34 @@ class ElementMap(nn.Module):
 
 class Affine(ElementMap):
     r"""Affine map :math:`y = u\, e^{s} + t`, :math:`\log|dy/du| = s`, with the raw log-scale
-    soft-clamped to ``[-clamp, clamp]``. ``theta = (t, s_{raw})``.
+    squashed into ``(-clamp, clamp)``. ``theta = (t, s_{raw})``.
 
     Args:
         clamp: bound on the log-scale.
+        squash: ``"tanh"`` (:func:`soft_clamp`, :math:`s = b \tanh(r / b)`) or
+            ``"rational"`` (:func:`rational_clamp`, :math:`s = r / (1 + |r| / b)`, zuko's).
     """
 
     num_params = 2
 
-    def __init__(self, clamp=5.0):
+    def __init__(self, clamp=5.0, squash="tanh"):
         super().__init__()
         if not 0 < float(clamp) < float("inf"):
             raise ValueError(f"clamp (the bound on the log-scale) must be positive and finite, "
                              f"got {clamp!r}")
-        self.clamp = float(clamp)
+        if squash not in SQUASHES:
+            raise ValueError(f"unknown squash {squash!r}; expected 'tanh' or 'rational'")
+        self.clamp, self.squash = float(clamp), squash
+        self._squash = SQUASHES[squash]
 
     def forward(self, u, theta):
         shift, raw = theta if isinstance(theta, tuple) else theta.unbind(-1)
-        log_scale = soft_clamp(raw, self.clamp)
+        log_scale = self._squash(raw, self.clamp)
         return u * log_scale.exp() + shift, log_scale
 
     def inverse(self, y, theta):
         shift, raw = theta if isinstance(theta, tuple) else theta.unbind(-1)
-        neg_log_scale = -soft_clamp(raw, self.clamp)
+        neg_log_scale = -self._squash(raw, self.clamp)
         return (y - shift) * neg_log_scale.exp(), neg_log_scale
 
     def unflatten(self, flat, n):
@@ -96,7 +112,8 @@ class Affine(ElementMap):
         return flat.chunk(2, dim=-1)
 
     def extra_repr(self):
-        return f"clamp={self.clamp}"
+        extra = "" if self.squash == "tanh" else f", squash={self.squash!r}"
+        return f"clamp={self.clamp}{extra}"
 
 
 class RationalQuadratic(ElementMap):
