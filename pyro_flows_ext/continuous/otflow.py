@@ -97,22 +97,30 @@ class OTFlow(FlowLayer):
         quad = 0.5 * (s @ self.A.T).square().sum(-1)
         return u @ self.w + quad + s @ self.bq
 
-    def grad_and_laplacian(self, x, t, context=None):
+    def _constants(self):
+        """Parameter-only pieces of the gradient and Laplacian, the same at every evaluation
+        of a solve (so a solve computes them once; gradients flow through them)."""
+        d = self.dim
+        Kx = self.K0[:, :d]  # d a0 / d x
+        return {"KxT": Kx.T.unsqueeze(1), "Kx2": Kx.square().sum(-1),
+                "AtA": self.A.T @ self.A, "trAA": self.A[:, :d].square().sum()}
+
+    def grad_and_laplacian(self, x, t, context=None, constants=None):
         r"""``(grad_s Phi, Laplacian_x Phi)``, both in closed form: ``(N, d + 1 + C)`` (the
         first ``d`` entries are :math:`\nabla_x \Phi`, entry ``d`` is :math:`\partial_t \Phi`)
         and ``(N,)``."""
-        d, h = self.dim, self.h
+        k = self._constants() if constants is None else constants
+        h = self.h
         s = self._s(x, t, context)
-        a0 = s @ self.K0.T + self.b0
+        a0 = torch.addmm(self.b0, s, self.K0.T)
         tanh0 = torch.tanh(a0)
-        u, acts = _logcosh2(a0), []
-        Kx = self.K0[:, :d]  # d a0 / d x, shared by the batch
+        acts, rows = [], []  # tanh(a_i) and ||(d a_i / d x)_k||^2, layers i >= 1: (N, m)
+        last = len(self.K) - 1  # >= 0: depth >= 2
+        u = _logcosh2(a0)
         # d u_i / d x laid out (d, N, m): every product with K_i is one (d N, m) x (m, m) matmul
-        jac = tanh0.unsqueeze(0) * Kx.T.unsqueeze(1)
-        rows = []  # ||(d a_i / d x)_k||^2 per layer i >= 1: (N, m)
-        last = len(self.K) - 1
+        jac = tanh0.unsqueeze(0) * k["KxT"]
         for i, (K, b) in enumerate(zip(self.K, self.b)):
-            a = u @ K.T + b
+            a = torch.addmm(b, u, K.T)
             th = torch.tanh(a)
             acts.append(th)
             KJ = jac @ K.T  # d a_i / d x
@@ -120,15 +128,15 @@ class OTFlow(FlowLayer):
             if i < last:  # the last layer's output is not needed for the gradient or trace
                 u = u + h * _logcosh2(a)
                 jac = jac + h * th.unsqueeze(0) * KJ
-        g = self.w.expand_as(u)
-        trace = 0.0
-        for i in range(len(self.K) - 1, -1, -1):
-            th = acts[i]
-            trace = trace + h * ((1 - th.square()) * g * rows[i]).sum(-1)
-            g = g + h * (th * g) @ self.K[i]
-        trace = trace + ((1 - tanh0.square()) * g * Kx.square().sum(-1)).sum(-1)
-        grad = (tanh0 * g) @ self.K0 + (s @ self.A.T) @ self.A + self.bq
-        trace = trace + self.A[:, :d].square().sum()
+        g = self.w  # dPhi/du of the last layer, (m,); (N, m) below it
+        trace = k["trAA"]
+        for i in range(last, -1, -1):
+            th, hg = acts[i], h * g
+            curv = (1 - th.square()) * rows[i]
+            trace = trace + (curv @ hg if hg.dim() == 1 else (curv * hg).sum(-1))
+            g = torch.addmm(g, th * hg, self.K[i])
+        trace = trace + ((1 - tanh0.square()) * g) @ k["Kx2"]
+        grad = torch.addmm(torch.addmm(self.bq, s, k["AtA"]), tanh0 * g, self.K0)
         return grad, trace
 
     def velocity(self, t, x, context=None):
@@ -136,42 +144,47 @@ class OTFlow(FlowLayer):
         return -self.grad_and_laplacian(x, t, context)[0][..., :self.dim]
 
     # -- RK4 ---------------------------------------------------------------------------------
-    def _rates(self, x, t, c, regularize):
-        grad, lap = self.grad_and_laplacian(x, t, c)
-        gx = grad[..., :self.dim]
+    def _rates(self, x, t, c, regularize, constants):
+        """``d/dt [x, l(, L, R)]`` as one ``(N, d + 1 (+ 2))`` tensor."""
+        grad, lap = self.grad_and_laplacian(x, t, c, constants)
+        d = self.dim
+        gx = grad[:, :d]
         if not regularize:
-            return -gx, -lap
-        kinetic = 0.5 * gx.square().sum(-1)
-        hjb = (grad[..., self.dim] - kinetic).abs()
-        return -gx, -lap, kinetic, hjb
+            return torch.cat([gx, lap.unsqueeze(-1)], -1).neg()
+        kinetic = 0.5 * gx.square().sum(-1, keepdim=True)
+        hjb = (grad[:, d:d + 1] - kinetic).abs()
+        return torch.cat([gx.neg(), lap.unsqueeze(-1).neg(), kinetic, hjb], -1)
 
     def _solve(self, y, t0, t1, context):
         self._require_context(context)
         if context is not None:
             context, y = broadcast_context(context, y)
-        batch = y.shape[:-1]
-        x = y.reshape(-1, self.dim)
+        batch, d = y.shape[:-1], self.dim
+        x = y.reshape(-1, d)
         c = None if context is None else context.reshape(-1, context.shape[-1])
         steps = self.num_steps if self.training else self.eval_steps
         regularize = self.training and torch.is_grad_enabled()
+        constants = self._constants()
         dt = (t1 - t0) / steps
-        state = (x,) + tuple(x.new_zeros(len(x)) for _ in range(3 if regularize else 1))
+        # the state [x, l(, L, R)]: one tensor, so an RK4 step is a handful of tensor ops
+        state = torch.cat([x, x.new_zeros(len(x), 3 if regularize else 1)], -1)
         t = t0
         for _ in range(steps):
-            k1 = self._rates(state[0], t, c, regularize)
-            k2 = self._rates(state[0] + 0.5 * dt * k1[0], t + 0.5 * dt, c, regularize)
-            k3 = self._rates(state[0] + 0.5 * dt * k2[0], t + 0.5 * dt, c, regularize)
-            k4 = self._rates(state[0] + dt * k3[0], t + dt, c, regularize)
-            state = tuple(s + dt / 6 * (a + 2 * b + 2 * e + f)
-                          for s, a, b, e, f in zip(state, k1, k2, k3, k4))
+            x0 = state[:, :d]
+            k1 = self._rates(x0, t, c, regularize, constants)
+            k2 = self._rates(x0 + (0.5 * dt) * k1[:, :d], t + 0.5 * dt, c, regularize, constants)
+            k3 = self._rates(x0 + (0.5 * dt) * k2[:, :d], t + 0.5 * dt, c, regularize, constants)
+            k4 = self._rates(x0 + dt * k3[:, :d], t + dt, c, regularize, constants)
+            state = state + (dt / 6) * (k1 + 2 * (k2 + k3) + k4)
             t = t + dt
         self._nfe = 4 * steps
         if regularize:
             sign = math.copysign(1.0, t1 - t0)
-            self._terms = {"transport": sign * state[2].mean(), "hjb": sign * state[3].mean()}
+            means = state[:, d + 1:].mean(0)
+            self._terms = {"transport": sign * means[0], "hjb": sign * means[1]}
         else:
             self._terms = None
-        return state[0].reshape(batch + (self.dim,)), state[1].reshape(batch)
+        return state[:, :d].reshape(batch + (d,)), state[:, d].reshape(batch)
 
     def call_and_ladj(self, z, context=None):
         return self._solve(z, self.T, 0.0, context)
