@@ -11,11 +11,14 @@ estimated from 1000 fresh draws after training (the same estimator for every gui
 several seeds the table shows the median and the range.
 
 SVI table: ELBO, importance-weighted log evidence and PSIS k-hat from the same 1000 draws,
-ms per SVI step (every guide trains in interleaved rounds,
+CPU ms per SVI step (every guide trains in interleaved rounds,
 in rotating order; median over rounds), and W1 of a key marginal against exact draws where
 they exist (funnel: v; banana: x2). MCMC table: plain NUTS vs NeuTra(AutoFlowGuide) vs
-NeuTra(AutoIAFNormal): divergences, min bulk ESS per second (sampling only, and including
-guide training), max R-hat. torch runs on one thread (OpenMP spin-waiting makes two threads
+NeuTra(AutoIAFNormal): divergences, min bulk ESS per CPU second (sampling only, and
+including guide training), max R-hat. Every time is the process's CPU time
+(``time.process_time``), which a machine shared with other jobs changes far less than wall
+time (under a load of 8 on 2 cores wall time made both NUTS and NeuTra look 5x slower).
+torch runs on one thread (OpenMP spin-waiting makes two threads
 next to a busy process 100x slower). zuko is imported here only: it switches off torch's
 argument validation process-wide. The zuko guide (``PFE_BENCH_ZUKO=1``) is opt-in: it samples
 through zuko's autoregressive NSF, whose sampling inverts D passes per draw.
@@ -153,7 +156,7 @@ def run_svi(model_items, factories, steps, rounds, diag_samples, log, optim="ada
                 run = runs[gname]
                 if run["nan"] is not None:
                     continue
-                t0 = time.perf_counter()
+                t0 = time.process_time()
                 try:
                     for _ in range(per_round):
                         loss = run["svi"].step()
@@ -163,7 +166,7 @@ def run_svi(model_items, factories, steps, rounds, diag_samples, log, optim="ada
                 except (ValueError, RuntimeError) as e:
                     run["nan"] = f"NaN at step {len(run['losses'])}: {str(e)[:40]}"
                     continue
-                run["times"].append((time.perf_counter() - t0) / per_round * 1000)
+                run["times"].append((time.process_time() - t0) / per_round * 1000)
         for gname, run in runs.items():
             row = {"model": mname, "guide": gname, "optim": optim, "seed": seed}
             if run["nan"] is not None:
@@ -211,24 +214,24 @@ def mcmc_stats(idata, seconds, train_seconds, divergences):
 
 
 def plain_nuts(model, num_samples, warmup, chains, depth):
-    start, draws, div = time.perf_counter(), [], 0
+    start, draws, div = time.process_time(), [], 0
     for _ in range(chains):
         mcmc = MCMC(NUTS(model, max_tree_depth=depth), num_samples=num_samples,
                     warmup_steps=warmup, disable_progbar=True)
         mcmc.run()
         draws.append(mcmc.get_samples())
         div += len(mcmc.diagnostics()["divergences"]["chain 0"])
-    seconds = time.perf_counter() - start
+    seconds = time.process_time() - start
     samples = {k: torch.stack([d[k] for d in draws]) for k in draws[0]}
     return diagnostics.to_inference_data(samples), seconds, div
 
 
 def train(model, guide, steps, optim):
     svi = SVI(model, guide, OPTIMIZERS[optim](), Trace_ELBO())
-    start = time.perf_counter()
+    start = time.process_time()
     for _ in range(steps):
         svi.step()
-    return time.perf_counter() - start
+    return time.process_time() - start
 
 
 def svi_table(rows):
@@ -348,9 +351,11 @@ def main(argv=None):
                 pyro.clear_param_store()
                 guide = make(model)
                 train_s = train(model, guide, steps, "adam")
+                start = time.process_time()  # CPU time: neutra_mcmc's own seconds are wall
                 res = neutra_mcmc(model, guide, num_samples=num_samples, warmup_steps=warmup,
                                   num_chains=a.chains, seed=seed, max_tree_depth=depth)
-                results[label] = mcmc_stats(res.idata, res.seconds, train_s, res.divergences)
+                results[label] = mcmc_stats(res.idata, time.process_time() - start, train_s,
+                                            res.divergences)
             for label, st in results.items():
                 print(f"| {mname} | {label} | {seed} | {st['div']} | {st['ess']:.0f} | "
                       f"{st['ess_s']:.2f} | {st['ess_s_total']:.2f} | {st['rhat']:.3f} | "
