@@ -58,8 +58,8 @@ class OTFlow(FlowLayer):
     Normalizing Flows via Optimal Transport", AAAI 2021, https://arxiv.org/abs/2006.00104
     """
 
-    def __init__(self, dim, width=32, depth=2, rank=None, T=1.0, num_steps=8,
-                 eval_steps=12, context_dim=0, transport_weight=1.0, hjb_weight=1.0):
+    def __init__(self, dim, width=32, depth=2, rank=None, T=1.0, num_steps=4,
+                 eval_steps=12, context_dim=0, transport_weight=0.01, hjb_weight=0.05):
         super().__init__()
         if depth < 2:
             raise ValueError(f"depth must be at least 2 (opening layer + ResNet), got "
