@@ -186,10 +186,13 @@ def flow_matching(data, lr):
                   lambda n: flow.sample((n,)), lambda: (1, 1))
 
 
-def ot_flow(data, lr):
-    flow = pfe.flows.ot_flow(2, gaussian_start=False)
+OT_LR = 2e-2  # OT-Flow's own learning rate (--otflow-lr): it trains stably at 4x the CNFs'
+
+
+def ot_flow(data, lr, name=None, **kwargs):
+    flow = pfe.flows.ot_flow(2, gaussian_start=False, **kwargs)
     layer = flow.transforms[0]
-    opt = torch.optim.Adam(flow.parameters(), lr)
+    opt = torch.optim.Adam(flow.parameters(), OT_LR)
 
     def step(x):
         loss = -flow.log_prob(x).mean() + regularization(flow)
@@ -198,7 +201,8 @@ def ot_flow(data, lr):
         opt.step()
         return loss.item()
 
-    return Method("OT-Flow (RK4 8 steps)", flow, step, flow.log_prob,
+    name = name or f"OT-Flow (RK4 {layer.num_steps} steps)"
+    return Method(name, flow, step, flow.log_prob,
                   lambda n: flow.sample((n,)), lambda: (layer.nfe_forward, layer.nfe_backward))
 
 
@@ -253,11 +257,20 @@ BUILDERS = {
 }
 
 
+def make(key, data, lr):
+    """A method by key; ``rnode:W`` is RNODE with both weights ``W``."""
+    if key.startswith("rnode:"):
+        w = float(key.split(":")[1])
+        return ours(f"CNF hutchinson + RNODE ({w:g})", data, lr, kinetic_weight=w,
+                    jacobian_weight=w)
+    return BUILDERS[key](data, lr)
+
+
 def run(name, steps, batch, n_test, lr, seed, keys, equal_time):
     torch.manual_seed(seed)
     train = pfe.datasets.toy(name, 20000, seed)
     test = pfe.datasets.toy(name, n_test, seed + 1)
-    methods = [BUILDERS[k](train, lr) for k in keys]
+    methods = [make(k, train, lr) for k in keys]
     gen = torch.Generator().manual_seed(seed)
     for _ in range(steps):
         x = train[torch.randint(0, len(train), (batch,), generator=gen)]
@@ -301,6 +314,72 @@ def run(name, steps, batch, n_test, lr, seed, keys, equal_time):
     return rows
 
 
+def _crossing(curve, target):
+    """CPU seconds at which a curve of ``(seconds, steps, nll)`` checkpoints first reaches
+    ``target`` (linear between checkpoints; ``None`` if it never does)."""
+    prev = (0.0, math.inf)
+    for sec, _, nll in curve:
+        if nll <= target:
+            t0, n0 = prev
+            if not math.isfinite(n0):
+                return sec
+            return t0 + (sec - t0) * (n0 - target) / (n0 - nll)
+        prev = (sec, nll)
+    return None
+
+
+def run_budget(name, budget, batch, n_test, lr, seed, keys, checkpoints, short, reference):
+    """Equal CPU-time budgets: every method trains (interleaved, one step of each in turn
+    while it still has budget) until its own thread CPU time reaches ``budget`` seconds
+    (``short * budget`` for the methods in ``short``'s keys), with the test NLL (exact trace,
+    eval mode, not timed) at CPU-time checkpoints ``budget * checkpoints``. The reference's
+    final NLL is the target; each method's time to reach it is read off its curve."""
+    torch.manual_seed(seed)
+    train = pfe.datasets.toy(name, 20000, seed)
+    test = pfe.datasets.toy(name, n_test, seed + 1)
+    methods = [make(k, train, lr) for k in keys]
+    for key, m in zip(keys, methods):
+        m.key = key
+        frac = short.get(key, 1.0)
+        m.marks = [budget * c for c in checkpoints if c <= frac + 1e-9]
+        m.curve = []
+    gen = torch.Generator().manual_seed(seed)
+    active = list(methods)
+    while active:
+        x = train[torch.randint(0, len(train), (batch,), generator=gen)]
+        for m in list(active):
+            m.module.train()
+            start = CLOCK()
+            m.step_fn(x)
+            m.times.append(CLOCK() - start)
+            m.nfes.append(m.nfe())
+            used = sum(m.times)
+            if used >= m.marks[len(m.curve)]:
+                m.module.eval()
+                with torch.no_grad():
+                    nll = -m.log_prob(test).mean().item()
+                m.curve.append((used, len(m.times), nll))
+                if len(m.curve) == len(m.marks):
+                    active.remove(m)
+    ref = next(m for m in methods if m.key == reference)
+    target = ref.curve[-1][2]
+    ref_time = _crossing(ref.curve, target)
+    rows = []
+    for m in methods:
+        reach = _crossing(m.curve, target)
+        tail = m.nfes[len(m.nfes) // 2:]
+        rows.append({"data": name, "seed": seed, "method": m.name, "key": m.key,
+                     "steps": len(m.times), "cpu_s": sum(m.times),
+                     "ms_per_step": 1e3 * statistics.median(m.times),
+                     "nfe_forward": statistics.mean(f for f, _ in tail),
+                     "nfe_backward": statistics.mean(b for _, b in tail),
+                     "final_nll": m.curve[-1][2], "target": target,
+                     "reach_s": reach, "speedup": None if reach is None else ref_time / reach,
+                     "curve": m.curve, "floor": FLOORS[name]})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=150)
@@ -315,10 +394,43 @@ def main():
     parser.add_argument("--equal-time", action="store_true",
                         help="after the interleaved steps, train flow matching and OT-Flow on "
                              "until each has used the plain FFJORD's CPU time")
+    parser.add_argument("--budget", type=float, default=None,
+                        help="equal CPU-time mode: seconds of thread CPU time per method")
+    parser.add_argument("--checkpoints", default="0.05,0.1,0.15,0.2,0.25,0.33,0.5,0.75,1",
+                        help="fractions of --budget at which the test NLL is taken")
+    parser.add_argument("--short", default="",
+                        help="key=fraction,...: methods that stop at that fraction of --budget")
+    parser.add_argument("--reference", default="plain",
+                        help="method whose final NLL is the target in --budget mode")
+    parser.add_argument("--seeds", default=None, help="comma-separated seeds (--budget mode)")
+    parser.add_argument("--otflow-lr", type=float, default=OT_LR)
     args = parser.parse_args()
+    globals()["OT_LR"] = args.otflow_lr
     torch.set_num_threads(1)
     start = time.time()
     rows = []
+    if args.budget:
+        checkpoints = [float(c) for c in args.checkpoints.split(",")]
+        short = {k: float(v) for k, v in (p.split("=") for p in args.short.split(",") if p)}
+        seeds = [int(s) for s in (args.seeds or str(args.seed)).split(",")]
+        for name in args.data.split(","):
+            for seed in seeds:
+                rows += run_budget(name, args.budget, args.batch, args.n_test, args.lr, seed,
+                                   args.methods.split(","), checkpoints, short, args.reference)
+        print(f"\nbudget {args.budget} s CPU per method, batch {args.batch}, lr {args.lr}; "
+              f"{time.time() - start:.0f} s wall")
+        print(f"{'data':<13}{'seed':>4}  {'method':<36}{'steps':>6}{'ms/step':>9}{'NFE f/b':>10}"
+              f"{'NLL':>8}{'target':>8}{'reach s':>9}{'speedup':>8}")
+        for r in rows:
+            reach = "-" if r["reach_s"] is None else f"{r['reach_s']:.1f}"
+            speed = "-" if r["speedup"] is None else f"{r['speedup']:.1f}"
+            print(f"{r['data']:<13}{r['seed']:>4}  {r['method']:<36}{r['steps']:>6}"
+                  f"{r['ms_per_step']:>9.1f}{r['nfe_forward']:>5.0f}/{r['nfe_backward']:<4.0f}"
+                  f"{r['final_nll']:>8.3f}{r['target']:>8.3f}{reach:>9}{speed:>8}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
     for name in args.data.split(","):
         rows += run(name, args.steps, args.batch, args.n_test, args.lr, args.seed,
                     args.methods.split(","), args.equal_time)
