@@ -266,6 +266,21 @@ def test_save_load_round_trip(tmp_path):
             torch.testing.assert_close(loaded.log_prob(x), flow.log_prob(x))
 
 
+def test_ot_flow_spec_saved_with_the_old_defaults_rebuilds_them(tmp_path):
+    # a spec that lacks the arguments whose defaults changed (8 RK4 steps, weights 1 / 1)
+    # rebuilds the flow of those values, not today's defaults
+    old = pfe.flows.ot_flow(2, width=8, num_steps=8, transport_weight=1.0, hjb_weight=1.0)
+    pfe.save(old, tmp_path / "old.pt")
+    record = torch.load(tmp_path / "old.pt", weights_only=False)
+    for name in ("num_steps", "transport_weight", "hjb_weight"):
+        record["spec"]["kwargs"].pop(name)
+    torch.save(record, tmp_path / "old.pt")
+    layer = pfe.load(tmp_path / "old.pt").transforms[0]
+    assert (layer.num_steps, layer.transport_weight, layer.hjb_weight) == (8, 1.0, 1.0)
+    new = pfe.flows.ot_flow(2).transforms[0]
+    assert (new.num_steps, new.transport_weight, new.hjb_weight) == (4, 0.01, 0.05)
+
+
 # -- augmented neural ODE: an Augment-style lower bound -----------------------------------------
 
 def test_augmented_cnf_is_an_unbiased_bound_that_integrates_to_one():
