@@ -328,12 +328,15 @@ def _crossing(curve, target):
     return None
 
 
-def run_budget(name, budget, batch, n_test, lr, seed, keys, checkpoints, short, reference):
+def run_budget(name, budget, batch, n_test, lr, seed, keys, checkpoints, short, reference,
+               targets=None):
     """Equal CPU-time budgets: every method trains (interleaved, one step of each in turn
     while it still has budget) until its own thread CPU time reaches ``budget`` seconds
     (``short * budget`` for the methods in ``short``'s keys), with the test NLL (exact trace,
     eval mode, not timed) at CPU-time checkpoints ``budget * checkpoints``. The reference's
-    final NLL is the target; each method's time to reach it is read off its curve."""
+    final NLL is the target; each method's time to reach it is read off its curve. Without
+    the reference among ``keys``, ``targets[(name, seed)] = (target, reference's time)`` from
+    an earlier run of it (``--targets``)."""
     torch.manual_seed(seed)
     train = pfe.datasets.toy(name, 20000, seed)
     test = pfe.datasets.toy(name, n_test, seed + 1)
@@ -361,9 +364,12 @@ def run_budget(name, budget, batch, n_test, lr, seed, keys, checkpoints, short, 
                 m.curve.append((used, len(m.times), nll))
                 if len(m.curve) == len(m.marks):
                     active.remove(m)
-    ref = next(m for m in methods if m.key == reference)
-    target = ref.curve[-1][2]
-    ref_time = _crossing(ref.curve, target)
+    ref = next((m for m in methods if m.key == reference), None)
+    if ref is None:
+        target, ref_time = targets[(name, seed)]
+    else:
+        target = ref.curve[-1][2]
+        ref_time = _crossing(ref.curve, target)
     rows = []
     for m in methods:
         reach = _crossing(m.curve, target)
@@ -403,6 +409,9 @@ def main():
     parser.add_argument("--reference", default="plain",
                         help="method whose final NLL is the target in --budget mode")
     parser.add_argument("--seeds", default=None, help="comma-separated seeds (--budget mode)")
+    parser.add_argument("--targets", default=None,
+                        help="JSON of an earlier --budget run holding the reference's rows, "
+                             "when the reference is not rerun")
     parser.add_argument("--otflow-lr", type=float, default=OT_LR)
     args = parser.parse_args()
     globals()["OT_LR"] = args.otflow_lr
@@ -413,10 +422,16 @@ def main():
         checkpoints = [float(c) for c in args.checkpoints.split(",")]
         short = {k: float(v) for k, v in (p.split("=") for p in args.short.split(",") if p)}
         seeds = [int(s) for s in (args.seeds or str(args.seed)).split(",")]
+        targets = None
+        if args.targets:
+            with open(args.targets) as f:
+                targets = {(r["data"], r["seed"]): (r["final_nll"], r["reach_s"])
+                           for r in json.load(f) if r["key"] == args.reference}
         for name in args.data.split(","):
             for seed in seeds:
                 rows += run_budget(name, args.budget, args.batch, args.n_test, args.lr, seed,
-                                   args.methods.split(","), checkpoints, short, args.reference)
+                                   args.methods.split(","), checkpoints, short, args.reference,
+                                   targets)
         print(f"\nbudget {args.budget} s CPU per method, batch {args.batch}, lr {args.lr}; "
               f"{time.time() - start:.0f} s wall")
         print(f"{'data':<13}{'seed':>4}  {'method':<36}{'steps':>6}{'ms/step':>9}{'NFE f/b':>10}"
