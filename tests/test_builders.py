@@ -82,6 +82,7 @@ def _inverse_chain_log_prob(flow, x):
 
 
 @pytest.mark.parametrize("kwargs", [{"mask": "alternate"}, {"squash": "rational"},
+                                    {"whiten": "data"},
                                     {"mask": "halves", "permute": True}])
 def test_realnvp_options_log_prob_matches_autograd(kwargs):
     flow = pfe.flows.realnvp(5, num_layers=3, hidden_dims=(8,), **kwargs)
@@ -120,3 +121,29 @@ def test_realnvp_spec_without_later_arguments_rebuilds_the_legacy_flow(tmp_path)
     assert [type(t) for t in loaded.transforms] == [type(t) for t in old.transforms]
     x = torch.randn(7, 4)
     torch.testing.assert_close(loaded.log_prob(x.clone()), old.log_prob(x.clone()))
+
+
+@pytest.mark.parametrize("whiten", ["base", "data"])
+@pytest.mark.parametrize("standardize", [False, True])
+def test_realnvp_gaussian_start_is_the_full_covariance_gaussian_fit(whiten, standardize):
+    # step 0 of either layout is the maximum-likelihood Gaussian, computed here with torch.cov
+    from pyro_flows_ext.infer.density import prepare
+
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.tensor([[2.0, 0.0, 0.0], [1.0, 0.5, 0.0], [0.5, -0.3, 3.0]])
+    x = torch.randn(2000, 3, generator=gen, dtype=torch.float64) @ mix.double().T + 5.0
+    flow = pfe.flows.realnvp(3, num_layers=2, hidden_dims=(8,), whiten=whiten,
+                             standardize=standardize).double()
+    names = [type(t).__name__ for t in flow.transforms]
+    if whiten == "base":  # Cholesky at the base end, one per-axis Standardize at the data end
+        assert names[0] == "CholeskyAffine" and names[1:].count("Standardize") == 1
+        assert names[-1] == "Standardize"
+    else:  # the earlier layout: both at the data end
+        assert names[-2:] == (["CholeskyAffine", "Standardize"] if standardize
+                              else ["Permute", "CholeskyAffine"])
+    prepare(flow, x)
+    gauss = torch.distributions.MultivariateNormal(x.mean(0), torch.cov(x.T, correction=0))
+    with torch.no_grad():
+        torch.testing.assert_close(flow.log_prob(x[:50].clone()), gauss.log_prob(x[:50]))
+    with pytest.raises(ValueError, match="unknown whiten"):
+        pfe.flows.realnvp(3, whiten="both")
