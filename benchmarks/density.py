@@ -2,8 +2,9 @@
 
 Three RealNVP-style flows on 2-D data with matched parameter counts (~36-37k):
 
-* ours  - ``pfe.flows.realnvp(2)``: 8 x (AffineCoupling(64, 64, invert=True) + Reverse), then
-  the data-initialised CholeskyAffine (the Gaussian start)
+* ours  - ``pfe.flows.realnvp(2)``: the data-initialised CholeskyAffine at the base end,
+  8 x (AffineCoupling(64, 64, invert=True) + Reverse), a data-initialised Standardize at the
+  data end (together the Gaussian start; ``whiten="base"``)
 * pyro  - 8 x ``affine_coupling(2, hidden_dims=[65, 65])`` interleaved with ``Permute([1, 0])``
 * zuko  - ``zuko.flows.RealNVP(2, transforms=8, hidden_features=(65, 65))``
 
