@@ -2,9 +2,11 @@
 
 import math
 
+import pyro.poutine as poutine
 import torch
+from pyro.infer.importance import vectorized_importance_weights
 
-__all__ = ["iw_log_prob"]
+__all__ = ["iw_dreg_loss", "iw_log_prob"]
 
 
 def iw_log_prob(flow, x, num_samples=100, chunk_size=None):
@@ -42,3 +44,58 @@ def iw_log_prob(flow, x, num_samples=100, chunk_size=None):
         done += k
     total = torch.logsumexp(torch.stack(parts), 0) if len(parts) > 1 else parts[0]
     return total - math.log(num_samples)
+
+
+def iw_dreg_loss(num_particles=16, max_plate_nesting=None):
+    r"""An SVI loss: the negative importance-weighted bound (IWAE, Burda et al. 2016)
+    :math:`-\log \frac1K \sum_k w_k`, :math:`w_k = p(x, z_k) / q(z_k)`, with the doubly
+    reparameterised gradient (DReG, Tucker et al. 2019) :math:`-\sum_k \tilde w_k^2
+    \nabla \log w_k` (:math:`\tilde w` the self-normalised weights), which is unbiased and
+    whose variance does not grow with ``K``. It trains the guide; a model with parameters
+    is refused (theirs is the plain weighted gradient).
+
+    DReG needs a guide whose ``log q`` carries only the path gradient:
+    ``AutoFlowGuide(model, stl=True)``. Pyro's ``RenyiELBO`` (alpha < 1) with such a guide is
+    *biased* (the dropped score term no longer averages to zero under self-normalised
+    weights); with ``RenyiELBO`` use ``stl=False``, with this loss ``stl=True``.
+
+    Usage: ``SVI(model, guide, optim, loss=iw_dreg_loss(16))``. The particles are vectorised
+    (an outer plate), so the model must be vectorisable as for
+    ``vectorize_particles=True``.
+
+    Args:
+        num_particles: ``K``.
+        max_plate_nesting: as for Pyro's ELBOs (``None``: found by tracing the model once).
+    Returns: ``loss(model, guide, *args, **kwargs)``, a scalar tensor.
+    """
+    if not (isinstance(num_particles, int) and num_particles >= 1):
+        raise ValueError(f"num_particles must be a positive integer, got {num_particles!r}")
+    nesting = [max_plate_nesting, False]  # plate depth, checked
+
+    def loss(model, guide, *args, **kwargs):
+        if not nesting[1]:  # once: the model's deepest plate and its parameters
+            with poutine.block():
+                trace = poutine.trace(model).get_trace(*args, **kwargs)
+            if any(site["type"] == "param" for site in trace.nodes.values()):
+                raise NotImplementedError(
+                    "iw_dreg_loss trains the guide only: the model has parameters (their "
+                    "IWAE gradient needs weights w, not DReG's w^2); train them with "
+                    "RenyiELBO(alpha=0) and AutoFlowGuide(..., stl=False)")
+            if nesting[0] is None:
+                nesting[0] = max((-frame.dim for site in trace.nodes.values()
+                                  if site["type"] == "sample"
+                                  for frame in site["cond_indep_stack"] if frame.vectorized),
+                                 default=0)
+            nesting[1] = True
+        log_w = vectorized_importance_weights(model, guide, *args, num_samples=num_particles,
+                                              max_plate_nesting=nesting[0], **kwargs)[0]
+        if getattr(guide, "stl", None) is False:
+            raise ValueError("iw_dreg_loss needs a guide whose log q carries only the path "
+                             "gradient: build it with AutoFlowGuide(..., stl=True) (this "
+                             "guide has stl=False)")
+        weights = torch.softmax(log_w.detach(), 0)
+        bound = torch.logsumexp(log_w.detach(), 0) - math.log(num_particles)
+        surrogate = (weights.square() * log_w).sum()
+        return -(surrogate - surrogate.detach() + bound)
+
+    return loss
