@@ -234,6 +234,25 @@ def run_one(data, flow, seed, kwargs, steps, lr, clip, seed_offset=0):
             "entropy": true_entropy(data, test)}
 
 
+def fit_check(seeds, kwargs):
+    """Issue 8's check: ``pfe.flows.realnvp(2, **kwargs)`` fitted by ``fit_density`` with its
+    defaults (2000 steps, Adam 1e-3, batch 512, best validation step) to sklearn's
+    ``make_moons(20000, noise=0.05, random_state=seed)``; test NLL on
+    ``make_moons(5000, noise=0.05, random_state=100 + seed)``."""
+    from sklearn.datasets import make_moons
+
+    for seed in seeds:
+        train = torch.as_tensor(make_moons(20_000, noise=0.05, random_state=seed)[0]).float()
+        test = torch.as_tensor(make_moons(5_000, noise=0.05, random_state=100 + seed)[0]).float()
+        torch.manual_seed(seed)
+        flow = pfe.flows.realnvp(2, **kwargs)
+        history = pfe.infer.fit_density(flow, train, progress=False, seed=seed)
+        with torch.no_grad():
+            test_nll = -flow.log_prob(test).mean().item()
+        yield {"fit": True, "seed": seed, "kwargs": kwargs, "test_nll": test_nll,
+               "best_step": history["best_step"]}
+
+
 # -- speed -----------------------------------------------------------------------------------
 
 def speed(dims, rounds, block, variants):
@@ -278,9 +297,19 @@ def _fmt(values):
     return f"{med:.3f} ({min(values):.3f}-{max(values):.3f})"
 
 
+def _order(key):
+    name = key[1]
+    first = ("zuko", "ours, new", "ours (", "ours, old", "pyro")
+    rank = next((i for i, p in enumerate(first) if name.startswith(p)), len(first))
+    return rank, name, key[2:]
+
+
 def report(paths):
     rows = [json.loads(line) for p in paths for line in open(p) if line.strip()]
-    runs = [r for r in rows if not r.get("speed")]
+    runs = [r for r in rows if not r.get("speed") and not r.get("fit")]
+    for r in (r for r in rows if r.get("fit")):
+        print(f"fit_density on make_moons(noise=0.05), realnvp(2, **{r['kwargs']}), seed "
+              f"{r['seed']}: test NLL {r['test_nll']:.3f} (best step {r['best_step']})")
     speeds = [r for r in rows if r.get("speed")]
     groups = {}
     for r in runs:
@@ -292,7 +321,7 @@ def report(paths):
           "| max val spike | params | true entropy |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for d in datas:
-        for key in sorted(k for k in groups if k[0] == d):
+        for key in sorted((k for k in groups if k[0] == d), key=_order):
             g = sorted(groups[key], key=lambda r: r["seed"])
             ent = g[0]["entropy"]
             print(f"| {d} | {key[1]} | {key[2]:g} | {key[3] or '-'} | {key[4]} "
@@ -330,12 +359,22 @@ def main(argv=None):
     s.add_argument("--variants", default='[["ours", "ours", {}], ["zuko", "zuko", {}], '
                                          '["pyro", "pyro", {}]]')
     s.add_argument("--out", required=True)
+    f = sub.add_parser("fit", help="the issue's check: sklearn make_moons(noise=0.05), "
+                                   "fit_density defaults")
+    f.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    f.add_argument("--kwargs", default="{}")
+    f.add_argument("--out", required=True)
     p = sub.add_parser("report")
     p.add_argument("paths", nargs="+")
     args = parser.parse_args(argv)
     if args.cmd == "report":
         return report(args.paths)
     with open(args.out, "a") as f:
+        if args.cmd == "fit":
+            for row in fit_check(args.seeds, json.loads(args.kwargs)):
+                f.write(json.dumps(row) + "\n")
+                print(row, file=sys.stderr, flush=True)
+            return
         if args.cmd == "speed":
             for row in speed(args.dims, args.rounds, args.block, json.loads(args.variants)):
                 f.write(json.dumps(row) + "\n")
