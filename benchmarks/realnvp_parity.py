@@ -146,7 +146,7 @@ def true_entropy(name, test):
 # -- flows: (module, log_prob) ---------------------------------------------------------------
 
 def make_ours(dim, train, _start=None, **kwargs):
-    """``_start`` (ablations of the Gaussian start, built here): ``"freeze"``: the data-side
+    """``_start`` (ablations of the Gaussian start, built here): ``"freeze"``: the
     CholeskyAffine is not trained; ``"base"``: the CholeskyAffine sits at the base end (a
     full-covariance Gaussian base); ``"base+std"``: that, plus a fixed data-side Standardize."""
     if _start in ("base", "base+std"):
@@ -160,7 +160,9 @@ def make_ours(dim, train, _start=None, **kwargs):
         flow = pfe.flows.realnvp(dim, num_layers=LAYERS, hidden_dims=HIDDEN, **kwargs)
     prepare(flow, train)  # the Gaussian start, as fit_density sets it before step 0
     if _start == "freeze":
-        flow.transforms[-1].requires_grad_(False)
+        for t in flow.transforms:
+            if isinstance(t, pfe.transforms.CholeskyAffine):
+                t.requires_grad_(False)
     return flow, flow.log_prob
 
 
