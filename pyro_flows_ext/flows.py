@@ -122,7 +122,7 @@ def realnvp(dim, num_layers=8, hidden_dims=(64, 64), norm=None, conv=False, lu=F
     couplings seeing the data standardised per axis, not rotated: under one training loop
     against zuko's RealNVP (``benchmarks/realnvp_parity.md``, 3 seeds) this took the 32-D
     banana mixture from 33.83 to 33.52 nats (zuko 33.63) and cut the validation-loss spikes
-    on checkerboard from 0.2-0.65 to 0.03 nats; zuko's checkered masks (``mask="alternate"``)
+    on checkerboard from 0.16-0.65 to 0.03 nats; zuko's checkered masks (``mask="alternate"``)
     and its rational log-scale bound (``squash="rational"``) did not help there.
 
     Args:
