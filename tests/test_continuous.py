@@ -206,6 +206,39 @@ def test_otflow_log_det_matches_jacobian_of_the_rk4_map():
     torch.testing.assert_close(ladj, -v, rtol=1e-6, atol=1e-6)
 
 
+def test_otflow_automatic_eval_steps_converge_where_a_fixed_count_does_not():
+    torch.manual_seed(0)
+    layer = OTFlow(2, width=16).double()
+    with torch.no_grad():  # a stiff potential: a large ResNet readout
+        layer.w.normal_(0.0, 8.0)
+        layer.K0.mul_(3.0)
+    layer.eval()
+    x = torch.randn(64, 2, dtype=F64)
+    layer.eval_steps = 1024
+    reference = layer.inverse_and_ladj(x)[1]
+    layer.eval_steps = 12  # the earlier fixed default
+    fixed_error = (layer.inverse_and_ladj(x)[1] - reference).abs().max()
+    layer.eval_steps = None
+    auto = layer.inverse_and_ladj(x)[1]
+    chosen = layer.eval_steps_used
+    assert fixed_error > 0.05  # the case the automatic count is for
+    assert (auto - reference).abs().max() < 1e-3
+    assert 16 <= chosen <= 1024
+    # kept while the parameters are unchanged, chosen again after they change
+    layer.inverse_and_ladj(x[:10])
+    assert layer.eval_steps_used == chosen and layer.nfe_forward == 4 * chosen
+    with torch.no_grad():
+        layer.w.mul_(0.01)
+    layer.inverse_and_ladj(x)
+    assert layer.eval_steps_used < chosen
+    # a potential no step count resolves: a warning, not a silent answer
+    with torch.no_grad():
+        layer.w.normal_(0.0, 400.0)
+    layer.eval_tol = 1e-12
+    with pytest.warns(RuntimeWarning, match="stiff"):
+        layer.inverse_and_ladj(x[:4])
+
+
 def test_otflow_regularisers_match_quadrature_of_the_potential():
     layer = perturb(OTFlow(2, width=8).double(), 0.5).train()
     layer.num_steps = 32
