@@ -163,7 +163,9 @@ def test_spec_records_the_full_signature_and_reloads_identically(tmp_path):
     kwargs = flow.spec["kwargs"]
     assert kwargs["count_bins"] == 8 and kwargs["hidden_dims"] == (64, 64)
     assert kwargs["gaussian_start"] is True and kwargs["standardize"] is False
-    assert type(flow.transforms[-1]).__name__ == "CholeskyAffine"
+    names = [type(t).__name__ for t in flow.transforms]
+    assert (names[0], names[-1]) == ("CholeskyAffine", "Standardize")  # whiten="base"
+    assert type(pfe.flows.nsf(3, whiten="data").transforms[-1]).__name__ == "CholeskyAffine"
     pfe.infer.fit_density(flow, torch.randn(300, 3) * 3 + 1, num_steps=5, progress=False)
     pfe.save(flow, tmp_path / "m.pt")
     loaded = pfe.load(tmp_path / "m.pt").eval()
