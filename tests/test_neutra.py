@@ -197,3 +197,28 @@ def test_guide_check_leaves_the_chains_alone():
     with pytest.warns(DiagnosticWarning, match="k-hat is 0.90"):
         neutra_mcmc(model, guide, x, y, num_samples=5, warmup_steps=5, max_tree_depth=2,
                     check_guide=0.9)
+
+
+def test_guide_check_uses_check_draws_guide_draws(monkeypatch):
+    """k-hat from a few hundred draws is noisy (0.3-0.9 for one funnel guide at 500), so the
+    check before sampling takes CHECK_DRAWS (4000) draws."""
+    from pyro_flows_ext import diagnostics
+    from pyro_flows_ext.infer import neutra as neutra_module
+    from tests.test_diagnostics import regression_data
+
+    model, x, y, *_ = regression_data(n=30, dtype=torch.float32)
+    guide = AutoFlowGuide(model, flow=())
+    guide(x, y)
+    seen = []
+    real = diagnostics.psis_khat
+
+    def spy(*args, num_samples, **kwargs):
+        seen.append(num_samples)
+        return real(*args, num_samples=num_samples, **kwargs)
+
+    monkeypatch.setattr(diagnostics, "psis_khat", spy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagnosticWarning)
+        neutra_mcmc(model, guide, x, y, num_samples=5, warmup_steps=5, max_tree_depth=2)
+    assert seen == [neutra_module.CHECK_DRAWS], seen
+    assert neutra_module.CHECK_DRAWS >= 4000
