@@ -86,7 +86,7 @@ def test_infer_quiet_on_a_clean_run(tmp_path, capsys):
     seed 2 since the guide's LocScale became full-rank, which changed the random stream: seed
     1 then gave bulk ESS 177 and R-hat 1.015 with full rank, ESS 242 without.)"""
     rc = main(["infer", write(tmp_path, CONJUGATE) + ":model", "--flow", "none", "--steps",
-               "300", "--diag-samples", "200", "--neutra", "--num-samples", "400", "--warmup",
+               "1500", "--diag-samples", "4000", "--neutra", "--num-samples", "400", "--warmup",
                "150", "--max-tree-depth", "4", "--quiet", "--out", str(tmp_path / "o"),
                "--seed", "2"])
     out = capsys.readouterr().out
