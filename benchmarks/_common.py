@@ -1,12 +1,25 @@
 """Pieces shared by the benchmark scripts (imported from the scripts' own folder)."""
 
+import importlib.util
+import os
 import time
 
 import torch
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 # CPU time of this thread: unlike wall time it does not count time spent descheduled while
 # other processes share the cores (it still counts cache and memory-bandwidth contention).
 CLOCK = time.thread_time
+
+
+def load_example(name):
+    """The module ``examples/models/<name>.py`` (its model and, where known, exact answers)."""
+    spec = importlib.util.spec_from_file_location(
+        "ex_" + name, os.path.join(ROOT, "examples", "models", name + ".py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 class Peer:

@@ -425,22 +425,18 @@ def main():
             print(f"{r['data']:<13}{r['seed']:>4}  {r['method']:<36}{r['steps']:>6}"
                   f"{r['ms_per_step']:>9.1f}{r['nfe_forward']:>5.0f}/{r['nfe_backward']:<4.0f}"
                   f"{r['final_nll']:>8.3f}{r['target']:>8.3f}{reach:>9}{speed:>8}")
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(rows, f, indent=1)
-        return
-    for name in args.data.split(","):
-        rows += run(name, args.steps, args.batch, args.n_test, args.lr, args.seed,
-                    args.methods.split(","), args.equal_time)
-    print(f"\n{args.steps} steps, batch {args.batch}, lr {args.lr}, {args.n_test} test points; "
-          f"{time.time() - start:.0f} s wall")
-    header = (f"{'data':<13}{'method':<40}{'ms/step':>9}{'NFE f/b':>12}{'NLL':>8}{'floor':>7}"
+    else:
+        for name in args.data.split(","):
+            rows += run(name, args.steps, args.batch, args.n_test, args.lr, args.seed,
+                        args.methods.split(","), args.equal_time)
+        print(f"\n{args.steps} steps, batch {args.batch}, lr {args.lr}, {args.n_test} test "
+              f"points; {time.time() - start:.0f} s wall")
+        print(f"{'data':<13}{'method':<40}{'ms/step':>9}{'NFE f/b':>12}{'NLL':>8}{'floor':>7}"
               f"{'samples/s':>11}")
-    print(header)
-    for r in rows:
-        print(f"{r['data']:<13}{r['method']:<40}{r['ms_per_step']:>9.1f}"
-              f"{r['nfe_forward']:>6.0f}/{r['nfe_backward']:<5.0f}{r['test_nll']:>8.3f}"
-              f"{r['floor']:>7.3f}{r['samples_per_s']:>11.0f}")
+        for r in rows:
+            print(f"{r['data']:<13}{r['method']:<40}{r['ms_per_step']:>9.1f}"
+                  f"{r['nfe_forward']:>6.0f}/{r['nfe_backward']:<5.0f}{r['test_nll']:>8.3f}"
+                  f"{r['floor']:>7.3f}{r['samples_per_s']:>11.0f}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(rows, f, indent=1)

@@ -25,7 +25,6 @@ through zuko's autoregressive NSF, whose sampling inverts D passes per draw.
 """
 
 import argparse
-import importlib.util
 import math
 import os
 import sys
@@ -44,15 +43,8 @@ import pyro_flows_ext as pfe
 from pyro_flows_ext import diagnostics
 from pyro_flows_ext.infer import AutoFlowGuide, neutra_mcmc
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        "ex_" + name, os.path.join(ROOT, "examples", "models", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import load_example  # noqa: E402
 
 
 def banana():

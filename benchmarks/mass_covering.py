@@ -54,7 +54,6 @@ torch runs on one thread. The table shows the median and [min, max] over seeds.
 """
 
 import argparse
-import importlib.util
 import json
 import math
 import os
@@ -75,17 +74,11 @@ from pyro_flows_ext import diagnostics
 from pyro_flows_ext.infer import AutoFlowGuide
 from pyro_flows_ext.infer.guide import SticksTheLanding
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import load_example  # noqa: E402
+
 COVER_THRESHOLD = 0.1  # a region counts as covered with >= 10% of its exact share of draws
 RING_SECTORS = 36
-
-
-def load_example(name):
-    spec = importlib.util.spec_from_file_location(
-        "ex_" + name, os.path.join(ROOT, "examples", "models", name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 # -- exact reference -----------------------------------------------------------------------------

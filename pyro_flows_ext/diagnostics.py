@@ -51,14 +51,24 @@ def check_model_args(caller, model, args, kwargs):
             f"{caller}(model, guide, *model_args, num_samples=..., **model_kwargs)") from None
 
 
-def _max_plate_nesting(model, guide, args, kwargs):
+def _traces(model, guide, args, kwargs):
+    """One guide trace and the model's trace replayed on it, hidden from outer handlers."""
     with poutine.block():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(
             *args, **kwargs)
-    dims = [-f.dim for tr in (model_trace, guide_trace) for site in tr.nodes.values()
+    return model_trace, guide_trace
+
+
+def _plate_depth(*traces):
+    """The deepest vectorized plate of the traces' sample sites (0 without plates)."""
+    dims = [-f.dim for tr in traces for site in tr.nodes.values()
             if site["type"] == "sample" for f in site["cond_indep_stack"] if f.vectorized]
     return max(dims, default=0)
+
+
+def _max_plate_nesting(model, guide, args, kwargs):
+    return _plate_depth(*_traces(model, guide, args, kwargs))
 
 
 def _autocontinuous_log_weights(model, guide, num_samples, args, kwargs):

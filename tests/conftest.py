@@ -16,6 +16,24 @@ def seeded():
         yield
 
 
+@pytest.fixture
+def num_samples_spy(monkeypatch):
+    """``spy(module, name)`` wraps ``module.name`` so each call's ``num_samples`` is recorded
+    in the list it returns (the call itself goes through)."""
+
+    def spy(module, name):
+        calls, real = [], getattr(module, name)
+
+        def wrapper(*args, num_samples, **kwargs):
+            calls.append(num_samples)
+            return real(*args, num_samples=num_samples, **kwargs)
+
+        monkeypatch.setattr(module, name, wrapper)
+        return calls
+
+    return spy
+
+
 # -- hypothesis profiles (tests/test_properties.py) ------------------------------------------
 # "default": a few examples per property, derandomized, so the default suite stays fast and
 # reproducible; "long": many random examples, loaded for -m slow or with

@@ -209,7 +209,7 @@ def test_log_evidence_standard_error():
     assert abs(torch.tensor([r["log_evidence"] for r in runs]).mean() - log_z) < 3 * se
 
 
-def test_non_vectorizable_model_is_probed_before_the_full_vectorized_run(monkeypatch):
+def test_non_vectorizable_model_is_probed_before_the_full_vectorized_run(num_samples_spy):
     """A model that does not broadcast over the particle dimension (this regression's
     ``w.unsqueeze(-2)``) would build an (S, S, n) tensor in a vectorized run of S draws: a
     3-draw probe finds it and the weights come from one trace per draw, with the RNG stream
@@ -219,14 +219,7 @@ def test_non_vectorizable_model_is_probed_before_the_full_vectorized_run(monkeyp
     model, x, y, *_ = regression_data(n=30)
     guide = positional_guide(torch.zeros(2, dtype=torch.float64),
                              torch.eye(2, dtype=torch.float64))
-    calls = []
-    real = diagnostics.vectorized_importance_weights
-
-    def spy(*args, num_samples, **kwargs):
-        calls.append(num_samples)
-        return real(*args, num_samples=num_samples, **kwargs)
-
-    monkeypatch.setattr(diagnostics, "vectorized_importance_weights", spy)
+    calls = num_samples_spy(diagnostics, "vectorized_importance_weights")
     torch.manual_seed(0)
     log_w = diagnostics.log_importance_weights(model, guide, x, y, num_samples=400)
     assert calls == [3] and log_w.shape == (400,)

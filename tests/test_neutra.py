@@ -199,7 +199,7 @@ def test_guide_check_leaves_the_chains_alone():
                     check_guide=0.9)
 
 
-def test_guide_check_uses_check_draws_guide_draws(monkeypatch):
+def test_guide_check_uses_check_draws_guide_draws(num_samples_spy):
     """k-hat from a few hundred draws is noisy (0.3-0.9 for one funnel guide at 500), so the
     check before sampling takes CHECK_DRAWS (4000) draws."""
     from pyro_flows_ext import diagnostics
@@ -209,14 +209,7 @@ def test_guide_check_uses_check_draws_guide_draws(monkeypatch):
     model, x, y, *_ = regression_data(n=30, dtype=torch.float32)
     guide = AutoFlowGuide(model, flow=())
     guide(x, y)
-    seen = []
-    real = diagnostics.psis_khat
-
-    def spy(*args, num_samples, **kwargs):
-        seen.append(num_samples)
-        return real(*args, num_samples=num_samples, **kwargs)
-
-    monkeypatch.setattr(diagnostics, "psis_khat", spy)
+    seen = num_samples_spy(diagnostics, "psis_khat")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)
         neutra_mcmc(model, guide, x, y, num_samples=5, warmup_steps=5, max_tree_depth=2)

@@ -2,7 +2,6 @@
 
 import math
 
-import pyro.poutine as poutine
 import torch
 from pyro.infer.importance import vectorized_importance_weights
 
@@ -65,7 +64,8 @@ def iw_dreg_loss(num_particles=16, max_plate_nesting=None):
 
     Args:
         num_particles: ``K``.
-        max_plate_nesting: as for Pyro's ELBOs (``None``: found by tracing the model once).
+        max_plate_nesting: as for Pyro's ELBOs (``None``: found by tracing the guide and the
+            model once).
     Returns: ``loss(model, guide, *args, **kwargs)``, a scalar tensor.
     """
     if not (isinstance(num_particles, int) and num_particles >= 1):
@@ -74,18 +74,16 @@ def iw_dreg_loss(num_particles=16, max_plate_nesting=None):
 
     def loss(model, guide, *args, **kwargs):
         if not nesting[1]:  # once: the model's deepest plate and its parameters
-            with poutine.block():
-                trace = poutine.trace(model).get_trace(*args, **kwargs)
-            if any(site["type"] == "param" for site in trace.nodes.values()):
+            from ..diagnostics import _plate_depth, _traces  # lazily: diagnostics loads arviz
+
+            model_trace, guide_trace = _traces(model, guide, args, kwargs)
+            if any(site["type"] == "param" for site in model_trace.nodes.values()):
                 raise NotImplementedError(
                     "iw_dreg_loss trains the guide only: the model has parameters (their "
                     "IWAE gradient needs weights w, not DReG's w^2); train them with "
                     "RenyiELBO(alpha=0) and AutoFlowGuide(..., stl=False)")
             if nesting[0] is None:
-                nesting[0] = max((-frame.dim for site in trace.nodes.values()
-                                  if site["type"] == "sample"
-                                  for frame in site["cond_indep_stack"] if frame.vectorized),
-                                 default=0)
+                nesting[0] = _plate_depth(model_trace, guide_trace)
             nesting[1] = True
         log_w = vectorized_importance_weights(model, guide, *args, num_samples=num_particles,
                                               max_plate_nesting=nesting[0], **kwargs)[0]
