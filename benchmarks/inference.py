@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 
 import numpy as np
 import pyro
@@ -205,10 +206,11 @@ def mcmc_stats(idata, seconds, train_seconds, divergences):
             "seconds": seconds}
 
 
-def plain_nuts(model, num_samples, warmup, chains, depth):
+def plain_nuts(model, num_samples, warmup, chains, depth, jit_compile=False):
     start, draws, div = time.process_time(), [], 0
     for _ in range(chains):
-        mcmc = MCMC(NUTS(model, max_tree_depth=depth), num_samples=num_samples,
+        mcmc = MCMC(NUTS(model, max_tree_depth=depth, jit_compile=jit_compile,
+                         ignore_jit_warnings=True), num_samples=num_samples,
                     warmup_steps=warmup, disable_progbar=True)
         mcmc.run()
         draws.append(mcmc.get_samples())
@@ -270,6 +272,9 @@ def main(argv=None):
     p.add_argument("--every", action="store_true", help="also the ablation guides")
     p.add_argument("--skip-mcmc", action="store_true")
     p.add_argument("--skip-svi", action="store_true")
+    p.add_argument("--mcmc", default="nuts,nuts-jit,neutra,neutra-iaf",
+                   help="comma-separated MCMC rows: nuts, nuts-jit (Pyro's jit_compile=True), "
+                        "neutra (the default AutoFlowGuide), neutra-iaf (AutoIAFNormal)")
     p.add_argument("--json", default=None, help="also write the SVI rows to this file")
     p.add_argument("--aggregate", nargs="+", default=None,
                    help="print the SVI table of rows written by earlier --json runs")
@@ -327,31 +332,45 @@ def main(argv=None):
         return
     print("\n## NUTS vs NeuTra\n")
     print("| model | method | seed | divergences | min bulk ESS | ESS/s (sampling) | "
-          "ESS/s (incl. guide training) | max R-hat | seconds |")
-    print("|---|---|---|---|---|---|---|---|---|")
+          "ESS/s (incl. guide training) | max R-hat | seconds | neutra_mcmc's warnings |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for mname in items:
         model = items[mname][0]
         for seed in seeds:
             results = {}
-            pyro.set_rng_seed(seed)
-            idata, sec, div = plain_nuts(model, num_samples, warmup, a.chains, depth)
-            results["NUTS"] = mcmc_stats(idata, sec, 0.0, div)
-            for label, make in (("NeuTra(default AutoFlowGuide)", lambda m: AutoFlowGuide(m)),
-                                ("NeuTra(AutoIAFNormal)",
-                                 lambda m: ag.AutoIAFNormal(m, num_transforms=2))):
+            methods = a.mcmc.split(",")
+            for key, label, jit in (("nuts", "NUTS", False), ("nuts-jit", "NUTS (jit)", True)):
+                if key in methods:
+                    pyro.set_rng_seed(seed)
+                    idata, sec, div = plain_nuts(model, num_samples, warmup, a.chains, depth,
+                                                 jit)
+                    results[label] = mcmc_stats(idata, sec, 0.0, div)
+            for key, label, make in (
+                    ("neutra", "NeuTra(default AutoFlowGuide)", lambda m: AutoFlowGuide(m)),
+                    ("neutra-iaf", "NeuTra(AutoIAFNormal)",
+                     lambda m: ag.AutoIAFNormal(m, num_transforms=2))):
+                if key not in methods:
+                    continue
                 pyro.set_rng_seed(seed)
                 pyro.clear_param_store()
                 guide = make(model)
                 train_s = train(model, guide, steps, "adam")
                 start = time.process_time()  # CPU time: neutra_mcmc's own seconds are wall
-                res = neutra_mcmc(model, guide, num_samples=num_samples, warmup_steps=warmup,
-                                  num_chains=a.chains, seed=seed, max_tree_depth=depth)
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always", diagnostics.DiagnosticWarning)
+                    res = neutra_mcmc(model, guide, num_samples=num_samples,
+                                      warmup_steps=warmup, num_chains=a.chains, seed=seed,
+                                      max_tree_depth=depth)
                 results[label] = mcmc_stats(res.idata, time.process_time() - start, train_s,
                                             res.divergences)
+                said = [str(w.message) for w in caught
+                        if issubclass(w.category, diagnostics.DiagnosticWarning)]
+                results[label]["warned"] = "; ".join(
+                    m.split(":")[1].split("(")[0].strip()[:30] for m in said) or "-"
             for label, st in results.items():
                 print(f"| {mname} | {label} | {seed} | {st['div']} | {st['ess']:.0f} | "
                       f"{st['ess_s']:.2f} | {st['ess_s_total']:.2f} | {st['rhat']:.3f} | "
-                      f"{st['seconds']:.0f} |", flush=True)
+                      f"{st['seconds']:.0f} | {st.get('warned', '')} |", flush=True)
 
 
 def chains_str(chains, warmup, num_samples, depth):

