@@ -315,3 +315,27 @@ def test_neutra_rechecks_the_trace_on_its_draws():
     a = result.samples["a"]
     # exact marginal of a: N(0, 1) (b is integrated out whatever its scale)
     assert scipy.stats.kstest(a.numpy(), scipy.stats.norm(0, 1).cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("make", [pyro.infer.autoguide.AutoMultivariateNormal,
+                                  lambda m: pyro.infer.autoguide.AutoIAFNormal(m)])
+def test_neutra_with_pyro_autoguides(make):
+    """Pyro's own AutoContinuous guides (a Cholesky affine, an IAF) warp the potential too:
+    the draws match the exact Gaussian posterior of a regression."""
+    from tests.test_diagnostics import regression_data
+
+    model, x, y, mu, cov, _ = regression_data(n=30, dtype=torch.float32)
+    pyro.set_rng_seed(0)
+    guide = make(model)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 5e-2}), Trace_ELBO())
+    for _ in range(300):
+        svi.step(x, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DiagnosticWarning)
+        result = neutra_mcmc(model, guide, x, y, num_samples=800, warmup_steps=200, seed=0,
+                             max_tree_depth=5)
+    w = result.samples["w"]
+    sd = cov.diagonal().sqrt()
+    assert w.shape == (1600, 2)
+    assert ((w.mean(0) - mu).abs() < 4 * sd / 100 ** 0.5).all(), (w.mean(0), mu)
+    assert ((w.std(0) / sd - 1).abs() < 0.25).all(), (w.std(0), sd)
