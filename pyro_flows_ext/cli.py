@@ -378,9 +378,9 @@ def cmd_infer(args):
     os.makedirs(out, exist_ok=True)
 
     guide = AutoFlowGuide(model, flow=() if args.flow == "none" else args.flow, stl=args.stl)
-    # sticking the landing needs single-sample gradient outliers clipped (see AutoFlowGuide)
+    # a sticking-the-landing guide clips its own gradient elements at 1 (see AutoFlowGuide)
     optim = pyro.optim.ClippedAdam({"lr": args.lr, "lrd": 0.1 ** (1 / args.steps),
-                                    "clip_norm": 1.0 if args.stl else 10.0})
+                                    "clip_norm": 10.0})
     svi = pyro.infer.SVI(model, guide, optim, pyro.infer.Trace_ELBO())
     losses = []
     bar = tqdm(range(args.steps), desc="SVI", disable=args.quiet, mininterval=0.5)
@@ -418,7 +418,7 @@ def cmd_infer(args):
 
         from .infer.neutra import guide_advice
 
-        advice = guide_advice(est["khat"], cli=True)
+        advice = guide_advice(est["khat"], cli=True, flow=args.flow)
         if advice:
             print(f"warning: {advice}")
             warned.append(advice)
@@ -565,9 +565,10 @@ def build_parser():
     infer.add_argument("--flow", default=default_flow(),
                        help=f"guide flow: 'none' (site couplings and location-scale only) or "
                             f"one of: {', '.join(sorted(FLOWS))}")
-    infer.add_argument("--stl", action="store_true",
-                       help="sticking-the-landing gradients with gradient clipping (for affine "
-                            "guides: --flow none or realnvp; e.g. funnels)")
+    infer.add_argument("--stl", action=argparse.BooleanOptionalAction, default=None,
+                       help="force sticking-the-landing gradients (with the guide's gradient "
+                            "clip) on or off; default: on for affine guides (--flow none, "
+                            "realnvp), off for splines and IAF")
     infer.add_argument("--steps", type=int, default=2000)
     infer.add_argument("--lr", type=float, default=1e-2)
     infer.add_argument("--neutra", action="store_true", help="then NeuTra NUTS with the guide")

@@ -54,12 +54,11 @@ STL_CLIP = 1.0
 
 
 def default_flow():
-    """The default builder of ``pyro-flows infer --flow``, ``'nsf'`` (the command line trains
-    it with its own ClippedAdam schedule). ``AutoFlowGuide(model)`` itself defaults to
-    ``flow=()``: the site couplings and the full-rank ``LocScale``, trained with sticking the
-    landing and clipped gradients, at or ahead of Pyro's autoguides on every example model
-    under plain Adam (``benchmarks/inference.py``; benchmarks/README.md)."""
-    return "nsf"
+    """The default of ``pyro-flows infer --flow``: ``'none'``, the same guide as
+    ``AutoFlowGuide(model)`` (``flow=()``: the site couplings and the full-rank ``LocScale``,
+    trained with sticking the landing and clipped gradients), at or ahead of Pyro's
+    autoguides on every example model under plain Adam (``benchmarks/inference.md``)."""
+    return "none"
 
 
 class LocScale(FlowLayer):

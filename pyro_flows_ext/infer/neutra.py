@@ -151,10 +151,10 @@ with 8000 it read 0.70 to 0.79. The draws are vectorised: 4000 cost 0.2 s on the
 logistic regression."""
 
 
-def guide_advice(khat, cli=False):
+def guide_advice(khat, cli=False, flow="none"):
     """The warning :func:`neutra_mcmc` gives before sampling when the guide's k-hat is above
     :data:`KHAT_NEUTRA` (``None`` when it is not); ``cli``: the advice in ``pyro-flows infer``
-    options."""
+    options, for a guide built with ``--flow flow``."""
     from ..diagnostics import KHAT_SCOPE
 
     if khat == khat and khat <= KHAT_NEUTRA:
@@ -162,8 +162,11 @@ def guide_advice(khat, cli=False):
     head = (f"the guide's PSIS k-hat is {khat:.2f} (> {KHAT_NEUTRA}): it is not good enough "
             "for NeuTra, whose chains mix badly where the guide's tails are too light. ")
     if cli:
-        return head + ("Train longer (--steps); for funnel-like hierarchical models use "
-                       "--flow none --stl (the README's recipe); or run plain NUTS")
+        other = ("" if flow == "none" else "use the default guide (--flow none: site couplings, "
+                 "full covariance, sticking the landing), which suits hierarchical "
+                 "(funnel-like) models; ")
+        return head + (f"Train longer (--steps); {other}reparameterise the model (e.g. a "
+                       "non-centred hierarchy); or run plain NUTS")
     return head + ("Train it longer (more SVI steps); a guide with spline or IAF layers "
                    "trains without sticking the landing: the default AutoFlowGuide(model) "
                    "(affine site couplings, full covariance, sticking the landing with "
