@@ -73,16 +73,26 @@ def test_neutra_two_chains_eight_schools():
     assert all(p.requires_grad for p in guide.parameters())  # restored after sampling
 
 
-def test_model_with_positional_data():
-    """``neutra_mcmc(model, guide, x, y, num_samples=...)`` runs ``model(x, y)``: draws match
-    the exact posterior of the data given (a different data set, a different posterior)."""
+def regression_guide(make, seed=None):
+    """A conjugate regression (exact posterior ``mu``, ``cov``) and ``make(model)`` trained on
+    it for 300 Adam steps: ``(model, guide, x, y, mu, cov)``."""
     from tests.test_diagnostics import regression_data
 
     model, x, y, mu, cov, _ = regression_data(n=30, dtype=torch.float32)
-    guide = AutoFlowGuide(model, flow=())  # one site: LocScale only
+    if seed is not None:
+        pyro.set_rng_seed(seed)
+    guide = make(model)
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 5e-2}), Trace_ELBO())
     for _ in range(300):
         svi.step(x, y)
+    return model, guide, x, y, mu, cov
+
+
+def test_model_with_positional_data():
+    """``neutra_mcmc(model, guide, x, y, num_samples=...)`` runs ``model(x, y)``: draws match
+    the exact posterior of the data given (a different data set, a different posterior)."""
+    # one site: LocScale only
+    model, guide, x, y, mu, cov = regression_guide(lambda m: AutoFlowGuide(m, flow=()))
     with warnings.catch_warnings():
         # a clean run (a good guide of a Gaussian posterior, 2 chains): no diagnostic warning.
         # R-hat > 1.01 also trips by chance on short runs (measured: 1 seed in 5 at 400 draws
@@ -322,14 +332,7 @@ def test_neutra_rechecks_the_trace_on_its_draws():
 def test_neutra_with_pyro_autoguides(make):
     """Pyro's own AutoContinuous guides (a Cholesky affine, an IAF) warp the potential too:
     the draws match the exact Gaussian posterior of a regression."""
-    from tests.test_diagnostics import regression_data
-
-    model, x, y, mu, cov, _ = regression_data(n=30, dtype=torch.float32)
-    pyro.set_rng_seed(0)
-    guide = make(model)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 5e-2}), Trace_ELBO())
-    for _ in range(300):
-        svi.step(x, y)
+    model, guide, x, y, mu, cov = regression_guide(make, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DiagnosticWarning)
         result = neutra_mcmc(model, guide, x, y, num_samples=800, warmup_steps=200, seed=0,

@@ -211,14 +211,14 @@ def _stl_unsuited(layers):
 
 def _warn_if_renyi(frame, depth=30):
     """Warns (and returns True) when a caller up the stack (within ``depth`` frames) is Pyro's
-    ``RenyiELBO``:
-    sticking the landing drops the score term, whose self-normalised importance-weighted
-    average is not zero, so that gradient is biased (measured: 8.8 standard errors off)."""
+    ``RenyiELBO``: sticking the landing drops the score term, whose self-normalised
+    importance-weighted average is not zero, so that gradient is biased (measured: 8.8
+    standard errors off)."""
     from pyro.infer import RenyiELBO
 
     for _ in range(depth):
         if frame is None:
-            return
+            return False
         if isinstance(frame.f_locals.get("self"), RenyiELBO):
             warnings.warn("AutoFlowGuide with sticking the landing (stl, on by default for "
                           "affine guides) gives RenyiELBO a biased gradient: build the guide "

@@ -103,7 +103,8 @@ def warped_potential(model, guide, model_args=(), model_kwargs=None, jit_compile
     fails) ``jit_compile=None`` runs eager and ``True`` raises.
 
     Returns: ``(potential_fn, jitted)``: ``potential_fn({"z": z})`` is a scalar tensor; when
-    ``jitted``, ``potential_fn.eager`` is the eager potential of ``z``.
+    ``jitted``, ``potential_fn.eager`` / ``.traced`` are the two potentials of ``z`` and
+    ``potential_fn.eager_fn`` the eager one of ``{"z": z}``.
     """
     model_kwargs = model_kwargs or {}
     _, model_potential, _, _ = initialize_model(model, model_args, model_kwargs)
@@ -116,8 +117,11 @@ def warped_potential(model, guide, model_args=(), model_kwargs=None, jit_compile
         values = [value for _, value in guide._unpack_latent(x)]
         return model_potential(dict(zip(names, values))) - ladj.sum()
 
+    def eager_fn(params):
+        return potential(params["z"])
+
     if jit_compile is False:
-        return (lambda params: potential(params["z"])), False
+        return eager_fn, False
     base = guide.get_base_dist()
     try:
         with warnings.catch_warnings(), torch.random.fork_rng():
@@ -130,13 +134,12 @@ def warped_potential(model, guide, model_args=(), model_kwargs=None, jit_compile
         if jit_compile:
             raise ValueError(f"neutra_mcmc: jit_compile=True, but tracing the potential "
                              f"failed: {e}") from e
-        return (lambda params: potential(params["z"])), False
+        return eager_fn, False
 
     def potential_fn(params):
         return traced(params["z"])
 
-    potential_fn.eager = potential
-    potential_fn.traced = traced
+    potential_fn.eager, potential_fn.traced, potential_fn.eager_fn = potential, traced, eager_fn
     return potential_fn, True
 
 
@@ -242,6 +245,7 @@ def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, n
     """
     from ..diagnostics import (  # arviz only when needed
         DiagnosticWarning,
+        _plate_depth,
         check_model_args,
         mcmc_warnings,
         to_inference_data,
@@ -290,15 +294,13 @@ def neutra_mcmc(model, guide, *model_args, num_samples=1000, warmup_steps=500, n
                               "some draws (the model branches on a latent value?): rerunning "
                               "the chains without tracing (jit_compile=False)",
                               DiagnosticWarning, stacklevel=2)
-                eager = potential.eager
                 runs, latent, diverging = _run_chains(
-                    lambda params: eager(params["z"]), guide.get_base_dist(), num_chains,
-                    num_samples, warmup_steps, target_accept_prob, max_tree_depth, progress)
+                    potential.eager_fn, guide.get_base_dist(), num_chains, num_samples,
+                    warmup_steps, target_accept_prob, max_tree_depth, progress)
         seconds = time.perf_counter() - start
         # draws go left of every plate dimension (_unpack_latent broadcasts batch dims
         # against the sites' plate dims)
-        nesting = max((-f.dim for site in guide.prototype_trace.nodes.values()
-                       for f in site.get("cond_indep_stack", ()) if f.vectorized), default=0)
+        nesting = _plate_depth(guide.prototype_trace)
         nodes = guide.prototype_trace.nodes
         with torch.no_grad():
             x = guide.get_transform()(
