@@ -35,7 +35,7 @@ import numpy as np
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer import MCMC, NUTS, SVI, Trace_ELBO
+from pyro.infer import MCMC, NUTS, SVI, JitTrace_ELBO, Trace_ELBO
 from pyro.infer import autoguide as ag
 from pyro.infer.autoguide import AutoContinuous
 from scipy.stats import wasserstein_distance
@@ -220,8 +220,9 @@ def plain_nuts(model, num_samples, warmup, chains, depth, jit_compile=False):
     return diagnostics.to_inference_data(samples), seconds, div
 
 
-def train(model, guide, steps, optim):
-    svi = SVI(model, guide, OPTIMIZERS[optim](), Trace_ELBO())
+def train(model, guide, steps, optim, jit=False):
+    elbo = JitTrace_ELBO(ignore_jit_warnings=True) if jit else Trace_ELBO()
+    svi = SVI(model, guide, OPTIMIZERS[optim](), elbo)
     start = time.process_time()
     for _ in range(steps):
         svi.step()
@@ -274,7 +275,8 @@ def main(argv=None):
     p.add_argument("--skip-svi", action="store_true")
     p.add_argument("--mcmc", default="nuts,nuts-jit,neutra,neutra-iaf",
                    help="comma-separated MCMC rows: nuts, nuts-jit (Pyro's jit_compile=True), "
-                        "neutra (the default AutoFlowGuide), neutra-iaf (AutoIAFNormal)")
+                        "neutra (the default AutoFlowGuide), neutra-jit (the same, trained with "
+                        "JitTrace_ELBO), neutra-iaf (AutoIAFNormal)")
     p.add_argument("--json", default=None, help="also write the SVI rows to this file")
     p.add_argument("--aggregate", nargs="+", default=None,
                    help="print the SVI table of rows written by earlier --json runs")
@@ -345,16 +347,21 @@ def main(argv=None):
                     idata, sec, div = plain_nuts(model, num_samples, warmup, a.chains, depth,
                                                  jit)
                     results[label] = mcmc_stats(idata, sec, 0.0, div)
-            for key, label, make in (
-                    ("neutra", "NeuTra(default AutoFlowGuide)", lambda m: AutoFlowGuide(m)),
+            for key, label, make, jit in (
+                    ("neutra", "NeuTra(default AutoFlowGuide)", AutoFlowGuide, False),
+                    ("neutra-jit", "NeuTra(default AutoFlowGuide, JitTrace_ELBO training)",
+                     AutoFlowGuide, True),
                     ("neutra-iaf", "NeuTra(AutoIAFNormal)",
-                     lambda m: ag.AutoIAFNormal(m, num_transforms=2))):
+                     lambda m: ag.AutoIAFNormal(m, num_transforms=2), False)):
                 if key not in methods:
                     continue
                 pyro.set_rng_seed(seed)
                 pyro.clear_param_store()
                 guide = make(model)
-                train_s = train(model, guide, steps, "adam")
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", torch.jit.TracerWarning)
+                    warnings.simplefilter("ignore", DeprecationWarning)
+                    train_s = train(model, guide, steps, "adam", jit)
                 start = time.process_time()  # CPU time: neutra_mcmc's own seconds are wall
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always", diagnostics.DiagnosticWarning)
