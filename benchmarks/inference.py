@@ -373,7 +373,7 @@ def main(argv=None):
                 said = [str(w.message) for w in caught
                         if issubclass(w.category, diagnostics.DiagnosticWarning)]
                 results[label]["warned"] = "; ".join(
-                    m.split(":")[1].split("(")[0].strip()[:30] for m in said) or "-"
+                    m.split(":")[1].split("(")[0].strip()[:48] for m in said) or "-"
             for label, st in results.items():
                 print(f"| {mname} | {label} | {seed} | {st['div']} | {st['ess']:.0f} | "
                       f"{st['ess_s']:.2f} | {st['ess_s_total']:.2f} | {st['rhat']:.3f} | "
